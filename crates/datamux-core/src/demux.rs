@@ -1,0 +1,403 @@
+//! The index prefix and the demultiplexers: one encoded sequence back to N per-instance
+//! representations, `(B, P+L, D) -> (B, N, L', D)`.
+//!
+//! DataMUX (arXiv 2202.09318), Eq. 2, `hⁱ = ϑⁱ(h¹ᐟᴺ)`; MUX-PLMs (arXiv 2302.12441) for `rsa`.
+//! Reference: `princeton-nlp/DataMUX`, `models/multiplexing.py`
+//! (`RobertaIndexDemultiplexerSequenceClassification`, `RobertaMLPDemultiplexerSequenceClassification`
+//! and their token twins); `princeton-nlp/datamux-pretraining`, `IndexPosDemuxModule`.
+//! method.md §4 gives the equations; §13 lists where this file departs from the reference.
+//!
+//! Prefix lengths: `index` prepends `P = N + 1` slots (N markers and a summary); `mlp` and `rsa`
+//! prepend one shared summary slot on sequence backbones (`P = 1`) and none on backbones without
+//! positions, such as a CNN (`P = 0`, the pooled output is position 0). The reference overwrites
+//! the first token with a borrowed vocabulary id instead; a learned slot needs no reserved ids.
+//!
+//! Every demultiplexer is computed without materialising `[h_prefix ; h_j]` or looping over
+//! instances: the `2D -> D` layer is split into a prefix half and a position half whose outputs
+//! are broadcast-added, and the N per-slot MLPs are one `(D, N·D)` matmul.
+
+use candle_core::{Result, Tensor};
+use candle_nn::{Init, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::layers::{self, INIT_RANGE, LayerNorm};
+
+/// How the N representations are separated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DemuxKind {
+    /// N + 1 learned prefix slots; `LN(GELU(A [h_prefix_i ; h_j]))`.
+    Index,
+    /// One MLP per instance slot on the shared output.
+    Mlp,
+    /// N learned keys concatenated with the shared output, one shared 2-layer MLP (MUX-PLMs'
+    /// RSA-inspired demultiplexer, `index_pos` in its code).
+    #[serde(alias = "index_pos")]
+    Rsa,
+}
+
+impl DemuxKind {
+    pub const ALL: [DemuxKind; 3] = [Self::Index, Self::Mlp, Self::Rsa];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Index => "index",
+            Self::Mlp => "mlp",
+            Self::Rsa => "rsa",
+        }
+    }
+
+    /// Prefix slots prepended to every instance: `N + 1` for `index`; one shared summary slot for
+    /// `mlp`/`rsa` on sequence backbones; none on backbones without positions.
+    pub fn prefix_len(self, n: usize, sequence_backbone: bool) -> usize {
+        match (self, sequence_backbone) {
+            (Self::Index, _) => n + 1,
+            (_, true) => 1,
+            (_, false) => 0,
+        }
+    }
+}
+
+/// Demultiplexer settings (`demux = { kind = "index" }` in experiment files).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kind: DemuxKind,
+    /// Dropout before the per-slot MLPs of `mlp` (the reference's 0.1).
+    pub dropout: f64,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            kind: DemuxKind::Index, // the paper's main choice
+            dropout: 0.1,           // the reference's `mlp` demux dropout
+            layer_norm_eps: 1e-5,   // RoBERTa's
+        }
+    }
+}
+
+impl Config {
+    pub fn with_kind(kind: DemuxKind) -> Self {
+        Self {
+            kind,
+            ..Self::default()
+        }
+    }
+}
+
+/// Which positions a head needs demultiplexed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Positions {
+    /// One summary vector per instance (`L' = 1`): sentence and image classification.
+    Summary,
+    /// Every position of the instance's own sequence (`L' = L`): token classification.
+    Tokens,
+}
+
+/// The learned prefix slots, `(N, P, D)` once gathered.
+#[derive(Clone, Debug)]
+pub struct Prefix {
+    /// `index`: `(N + 2, D)`, rows `0..N` the instance markers, `N` the filler, `N + 1` the
+    /// summary. `mlp`/`rsa`: `(1, D)`, the shared summary.
+    table: Tensor,
+    /// `(N, P)` row ids into `table`.
+    ids: Tensor,
+}
+
+impl Prefix {
+    fn new(kind: DemuxKind, n: usize, d: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let (table, ids) = match kind {
+            DemuxKind::Index => {
+                // Instance i: marker i at slot i, the filler (row N) elsewhere, the summary (row
+                // N + 1) last. After the mean over instances slot i carries marker i mixed with
+                // fillers, which is what lets the demultiplexer address instance i.
+                let ids: Vec<u32> = (0..n)
+                    .flat_map(|i| {
+                        (0..n)
+                            .map(move |k| if k == i { k as u32 } else { n as u32 })
+                            .chain(std::iter::once(n as u32 + 1))
+                    })
+                    .collect();
+                let table = layers::embedding_table(n + 2, d, vb.pp("index_embed"))?;
+                (table, Tensor::from_vec(ids, (n, n + 1), vb.device())?)
+            }
+            DemuxKind::Mlp | DemuxKind::Rsa => {
+                let table = layers::embedding_table(1, d, vb.pp("summary"))?;
+                (
+                    table,
+                    Tensor::zeros((n, 1), candle_core::DType::U32, vb.device())?,
+                )
+            }
+        };
+        Ok(Self { table, ids })
+    }
+
+    /// `(N, P, D)`: the prefix of every instance slot.
+    pub fn tensor(&self) -> Result<Tensor> {
+        let (n, p) = self.ids.dims2()?;
+        let d = self.table.dim(1)?;
+        self.table
+            .index_select(&self.ids.flatten_all()?, 0)?
+            .reshape((n, p, d))
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.dim(1).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Inner {
+    /// ref: `IndexDemultiplexer` heads of `models/multiplexing.py`.
+    Index { dense: Linear, norm: LayerNorm },
+    /// ref: the per-instance `dense_{i}` + `layer_norm_{i}` banks of the MLP demultiplexer.
+    Mlp {
+        /// `(D, N·D)`: columns `i·D..(i+1)·D` are slot i's `D -> D` map.
+        weight: Tensor,
+        bias: Tensor,        // (N·D)
+        norm_weight: Tensor, // (N, D)
+        norm_bias: Tensor,   // (N, D)
+        dropout: f64,
+        eps: f64,
+    },
+    /// ref: `IndexPosDemuxModule` (MUX-PLMs).
+    Rsa {
+        keys: Tensor,
+        dense1: Linear,
+        dense2: Linear,
+        norm: LayerNorm,
+    },
+}
+
+/// One demultiplexer (task or retrieval; each has its own parameters).
+#[derive(Clone, Debug)]
+pub struct Demux {
+    kind: DemuxKind,
+    n: usize,
+    d: usize,
+    inner: Inner,
+}
+
+/// Flat row indices into the `(B·T, D)` view of an encoded batch, one per demultiplexed pair.
+#[derive(Clone, Debug)]
+pub struct Pairs {
+    /// `(K)`: `b·T + position` of the hidden state to demultiplex.
+    pub rows: Tensor,
+    /// `(K)`: the instance slot to extract.
+    pub slots: Tensor,
+    /// `(K)`: `b·T + slot`, the row of the slot's prefix marker (used by `index`).
+    pub slot_rows: Tensor,
+}
+
+impl Demux {
+    pub fn new(cfg: &Config, n: usize, d: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let eps = cfg.layer_norm_eps;
+        let inner = match cfg.kind {
+            DemuxKind::Index => Inner::Index {
+                dense: layers::linear(2 * d, d, vb.pp("dense"))?,
+                norm: LayerNorm::new(d, eps, vb.pp("layer_norm"))?,
+            },
+            DemuxKind::Mlp => {
+                let vb = vb.pp("mlp");
+                Inner::Mlp {
+                    weight: vb.get_with_hints(
+                        (d, n * d),
+                        "weight",
+                        Init::Randn {
+                            mean: 0.0,
+                            stdev: INIT_RANGE,
+                        },
+                    )?,
+                    bias: vb.get_with_hints(n * d, "bias", Init::Const(0.0))?,
+                    norm_weight: vb.get_with_hints(
+                        (n, d),
+                        "layer_norm.weight",
+                        Init::Const(1.0),
+                    )?,
+                    norm_bias: vb.get_with_hints((n, d), "layer_norm.bias", Init::Const(0.0))?,
+                    dropout: cfg.dropout,
+                    eps,
+                }
+            }
+            DemuxKind::Rsa => Inner::Rsa {
+                // Standard normal, as in MUX-PLMs' `IndexPosDemuxModule`.
+                keys: vb.get_with_hints(
+                    (n, d),
+                    "keys",
+                    Init::Randn {
+                        mean: 0.0,
+                        stdev: 1.0,
+                    },
+                )?,
+                dense1: layers::linear(2 * d, d, vb.pp("dense1"))?,
+                dense2: layers::linear(d, d, vb.pp("dense2"))?,
+                norm: LayerNorm::new(d, eps, vb.pp("layer_norm"))?,
+            },
+        };
+        Ok(Self {
+            kind: cfg.kind,
+            n,
+            d,
+            inner,
+        })
+    }
+
+    /// The prefix this demultiplexer needs, built under the same `vb` path.
+    pub fn prefix(
+        kind: DemuxKind,
+        n: usize,
+        d: usize,
+        sequence_backbone: bool,
+        vb: VarBuilder<'_>,
+    ) -> Result<Option<Prefix>> {
+        if kind.prefix_len(n, sequence_backbone) == 0 {
+            return Ok(None);
+        }
+        Prefix::new(kind, n, d, vb).map(Some)
+    }
+
+    pub fn kind(&self) -> DemuxKind {
+        self.kind
+    }
+
+    /// `(B, P+L, D) -> (B, N, L', D)`, with `L' = 1` for [`Positions::Summary`] and `L' = L` for
+    /// [`Positions::Tokens`]. `prefix_len` is the `P` the sequence was built with.
+    pub fn forward_t(
+        &self,
+        encoded: &Tensor,
+        prefix_len: usize,
+        positions: Positions,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t, d) = encoded.dims3()?;
+        let n = self.n;
+        if d != self.d {
+            candle_core::bail!("demux expects width {}, got {:?}", self.d, encoded.shape());
+        }
+        // The positions read by the head: the summary slot (index: slot N; otherwise position 0,
+        // the summary prefix or a pooled output), or every position after the prefix.
+        let hs = match positions {
+            Positions::Summary if self.kind == DemuxKind::Index => encoded.narrow(1, n, 1)?,
+            Positions::Summary => encoded.narrow(1, 0, 1)?,
+            Positions::Tokens => encoded.narrow(1, prefix_len, t - prefix_len)?,
+        }; // (B, L', D)
+        let l = hs.dim(1)?;
+        match &self.inner {
+            Inner::Index { dense, norm } => {
+                let (w_prefix, w_pos) = split_halves(dense.weight(), d)?;
+                let p = encoded.narrow(1, 0, n)?; // (B, N, D): prefix slot i after the encoder
+                let a = p.broadcast_matmul(&w_prefix.t()?)?; // (B, N, D)
+                let c = hs.broadcast_matmul(&w_pos.t()?)?; // (B, L', D)
+                let c = broadcast_bias(&c, dense.bias())?;
+                // (B, N, 1, D) + (B, 1, L', D) -> (B, N, L', D)
+                let z = a
+                    .unsqueeze(2)?
+                    .broadcast_add(&c.unsqueeze(1)?)?
+                    .gelu_erf()?;
+                norm.forward_t(&z, train)
+            }
+            Inner::Mlp {
+                weight,
+                bias,
+                norm_weight,
+                norm_bias,
+                dropout,
+                eps,
+            } => {
+                let hs = layers::dropout(&hs, *dropout, train)?;
+                let y = hs
+                    .reshape((b * l, d))?
+                    .matmul(weight)?
+                    .broadcast_add(bias)?; // (B·L', N·D)
+                // (B·L', N·D) -> (B, L', N, D) -> (B, N, L', D)
+                let y = y.reshape((b, l, n, d))?.transpose(1, 2)?.gelu_erf()?;
+                let y = layers::normalize(&y, *eps)?;
+                y.broadcast_mul(&norm_weight.reshape((1, n, 1, d))?)?
+                    .broadcast_add(&norm_bias.reshape((1, n, 1, d))?)
+            }
+            Inner::Rsa {
+                keys,
+                dense1,
+                dense2,
+                norm,
+            } => {
+                let (w_key, w_pos) = split_halves(dense1.weight(), d)?;
+                let a = keys.matmul(&w_key.t()?)?.reshape((1, n, 1, d))?; // (1, N, 1, D)
+                let c = broadcast_bias(&hs.broadcast_matmul(&w_pos.t()?)?, dense1.bias())?; // (B, L', D)
+                let z = a.broadcast_add(&c.unsqueeze(1)?)?.gelu_erf()?; // (B, N, L', D)
+                let z = z.apply(dense2)?;
+                norm.forward_t(&z, train)
+            }
+        }
+    }
+
+    /// Demultiplex chosen (position, slot) pairs only: `(B, T, D)` and K pairs -> `(K, D)`.
+    /// Used by the retrieval head, which needs one sampled slot per position.
+    pub fn forward_pairs(&self, encoded: &Tensor, pairs: &Pairs, train: bool) -> Result<Tensor> {
+        let (b, t, d) = encoded.dims3()?;
+        let flat = encoded.reshape((b * t, d))?; // (B·T, D)
+        let hs = flat.index_select(&pairs.rows, 0)?; // (K, D)
+        let k = hs.dim(0)?;
+        match &self.inner {
+            Inner::Index { dense, norm } => {
+                let (w_prefix, w_pos) = split_halves(dense.weight(), d)?;
+                let p = flat.index_select(&pairs.slot_rows, 0)?; // (K, D)
+                let z = (p.matmul(&w_prefix.t()?)? + hs.matmul(&w_pos.t()?)?)?;
+                let z = z.broadcast_add(require_bias(dense.bias())?)?.gelu_erf()?;
+                norm.forward_t(&z, train)
+            }
+            Inner::Mlp {
+                weight,
+                bias,
+                norm_weight,
+                norm_bias,
+                dropout,
+                eps,
+            } => {
+                let n = self.n;
+                let hs = layers::dropout(&hs, *dropout, train)?;
+                let y = hs.matmul(weight)?.broadcast_add(bias)?.reshape((k, n, d))?; // (K, N, D)
+                let idx = pairs
+                    .slots
+                    .reshape((k, 1, 1))?
+                    .broadcast_as((k, 1, d))?
+                    .contiguous()?;
+                let y = y.gather(&idx, 1)?.squeeze(1)?.gelu_erf()?; // (K, D)
+                let y = layers::normalize(&y, *eps)?;
+                y.mul(&norm_weight.index_select(&pairs.slots, 0)?)?
+                    .add(&norm_bias.index_select(&pairs.slots, 0)?)
+            }
+            Inner::Rsa {
+                keys,
+                dense1,
+                dense2,
+                norm,
+            } => {
+                let (w_key, w_pos) = split_halves(dense1.weight(), d)?;
+                let kv = keys.index_select(&pairs.slots, 0)?; // (K, D)
+                let z = (kv.matmul(&w_key.t()?)? + hs.matmul(&w_pos.t()?)?)?;
+                let z = z.broadcast_add(require_bias(dense1.bias())?)?.gelu_erf()?;
+                norm.forward_t(&z.apply(dense2)?, train)
+            }
+        }
+    }
+}
+
+/// A `(D, 2D)` weight of a layer on `[a ; b]` split into the halves acting on `a` and on `b`.
+fn split_halves(w: &Tensor, d: usize) -> Result<(Tensor, Tensor)> {
+    Ok((w.narrow(1, 0, d)?, w.narrow(1, d, d)?))
+}
+
+fn require_bias(bias: Option<&Tensor>) -> Result<&Tensor> {
+    bias.ok_or_else(|| candle_core::Error::Msg("demux layer built without a bias".into()))
+}
+
+fn broadcast_bias(xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    xs.broadcast_add(require_bias(bias)?)
+}

@@ -1,0 +1,295 @@
+//! The modality-agnostic Transformer encoder, `(B, T, D)` with a key-padding mask `(B, T)` ->
+//! `(B, T, D)`. Shared by the text backbone and the ViT.
+//!
+//! Architecture of RoBERTa (post-LN by default; pre-LN on request), GELU, dropout on attention
+//! probabilities and on each residual branch. Reference: `configs/roberta.json` of
+//! `princeton-nlp/DataMUX` (method.md §6.1). Unlike the reference, muxed padding is masked: a
+//! position is masked only where every instance is padding (method.md §13, difference 2).
+
+use candle_core::{DType, Result, Tensor};
+use candle_nn::{Linear, Module, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+use crate::layers::{self, LayerNorm};
+use crate::model::Backbone;
+
+/// Encoder sizes, in the Hugging Face vocabulary so ablations line up with `configs/*.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub num_hidden_layers: usize,
+    pub hidden_size: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub hidden_dropout_prob: f64,
+    pub attention_probs_dropout_prob: f64,
+    pub layer_norm_eps: f64,
+    /// LayerNorm before each sub-layer (plus a final one) instead of after the residual sum.
+    pub pre_layer_norm: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::base()
+    }
+}
+
+impl Config {
+    /// RoBERTa-base, the paper's size (12 x 768, 12 heads, FFN 3072).
+    pub fn base() -> Self {
+        Self {
+            num_hidden_layers: 12,
+            hidden_size: 768,
+            num_attention_heads: 12,
+            intermediate_size: 3072,
+            hidden_dropout_prob: 0.1,          // RoBERTa's
+            attention_probs_dropout_prob: 0.1, // RoBERTa's
+            layer_norm_eps: 1e-5,              // RoBERTa's
+            pre_layer_norm: false,             // RoBERTa is post-LN
+        }
+    }
+
+    /// A CPU-sized encoder: 4 x 256, 4 heads, FFN 1024.
+    pub fn small() -> Self {
+        Self {
+            num_hidden_layers: 4,
+            hidden_size: 256,
+            num_attention_heads: 4,
+            intermediate_size: 1024,
+            ..Self::base()
+        }
+    }
+
+    /// Test size, deliberately odd (transformers' tester convention): 2 x 32, 4 heads, FFN 37.
+    pub fn tiny() -> Self {
+        Self {
+            num_hidden_layers: 2,
+            hidden_size: 32,
+            num_attention_heads: 4,
+            intermediate_size: 37,
+            hidden_dropout_prob: 0.0,
+            attention_probs_dropout_prob: 0.0,
+            ..Self::base()
+        }
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
+        for (what, v) in [
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero { what });
+            }
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(ConfigError::HeadsDoNotDivideHidden {
+                hidden_size: self.hidden_size,
+                num_heads: self.num_attention_heads,
+            });
+        }
+        for (what, value) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            (
+                "attention_probs_dropout_prob",
+                self.attention_probs_dropout_prob,
+            ),
+        ] {
+            if !(0.0..1.0).contains(&value) {
+                return Err(ConfigError::BadProbability { what, value });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Multi-head self-attention with a key-padding bias.
+#[derive(Clone, Debug)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    dropout: f64,
+}
+
+impl Attention {
+    fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            q: layers::linear(d, d, vb.pp("q"))?,
+            k: layers::linear(d, d, vb.pp("k"))?,
+            v: layers::linear(d, d, vb.pp("v"))?,
+            o: layers::linear(d, d, vb.pp("o"))?,
+            heads: cfg.num_attention_heads,
+            dropout: cfg.attention_probs_dropout_prob,
+        })
+    }
+
+    /// `(B, T, D)`, bias `(B, 1, 1, T)` -> `(B, T, D)`.
+    fn forward_t(&self, xs: &Tensor, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let (b, t, d) = xs.dims3()?;
+        let (h, hd) = (self.heads, d / self.heads);
+        // (B, T, D) -> (B, T, H, hd) -> (B, H, T, hd)
+        let split = |x: Tensor| x.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous();
+        let q = split(xs.apply(&self.q)?)?;
+        let k = split(xs.apply(&self.k)?)?;
+        let v = split(xs.apply(&self.v)?)?;
+        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?; // (B, H, T, T)
+        let scores = match bias {
+            Some(bias) => scores.broadcast_add(bias)?,
+            None => scores,
+        };
+        let probs = layers::dropout(&layers::softmax_last(&scores, train)?, self.dropout, train)?;
+        let ctx = probs.matmul(&v)?; // (B, H, T, hd)
+        // (B, H, T, hd) -> (B, T, H, hd) -> (B, T, D)
+        ctx.transpose(1, 2)?.reshape((b, t, d))?.apply(&self.o)
+    }
+}
+
+/// ref: `RobertaLayer` (attention, intermediate, output).
+#[derive(Clone, Debug)]
+struct Layer {
+    attn: Attention,
+    attn_norm: LayerNorm,
+    ffn_in: Linear,
+    ffn_out: Linear,
+    ffn_norm: LayerNorm,
+    dropout: f64,
+    pre_ln: bool,
+}
+
+impl Layer {
+    fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            attn: Attention::new(cfg, vb.pp("attn"))?,
+            attn_norm: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("attn_norm"))?,
+            ffn_in: layers::linear(d, cfg.intermediate_size, vb.pp("ffn_in"))?,
+            ffn_out: layers::linear(cfg.intermediate_size, d, vb.pp("ffn_out"))?,
+            ffn_norm: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("ffn_norm"))?,
+            dropout: cfg.hidden_dropout_prob,
+            pre_ln: cfg.pre_layer_norm,
+        })
+    }
+
+    fn ffn(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.apply(&self.ffn_in)?.gelu_erf()?.apply(&self.ffn_out)
+    }
+
+    fn forward_t(&self, xs: &Tensor, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let drop = |x: Tensor| layers::dropout(&x, self.dropout, train);
+        if self.pre_ln {
+            let a = self
+                .attn
+                .forward_t(&self.attn_norm.forward_t(xs, train)?, bias, train)?;
+            let xs = (xs + drop(a)?)?;
+            let f = self.ffn(&self.ffn_norm.forward_t(&xs, train)?)?;
+            xs + drop(f)?
+        } else {
+            let a = self.attn.forward_t(xs, bias, train)?;
+            let xs = self.attn_norm.forward_t(&(xs + drop(a)?)?, train)?;
+            let f = self.ffn(&xs)?;
+            self.ffn_norm.forward_t(&(xs + drop(f)?)?, train)
+        }
+    }
+}
+
+/// The encoder stack. Parameter paths: `layers.{i}.attn.{q,k,v,o}`, `layers.{i}.ffn_{in,out}`,
+/// `layers.{i}.{attn,ffn}_norm`, and `final_norm` with pre-LN.
+#[derive(Clone, Debug)]
+pub struct Encoder {
+    layers: Vec<Layer>,
+    final_norm: Option<LayerNorm>,
+    hidden_size: usize,
+}
+
+impl Encoder {
+    pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::wrap)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::new(cfg, vb.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = if cfg.pre_layer_norm {
+            Some(LayerNorm::new(
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+                vb.pp("final_norm"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            layers,
+            final_norm,
+            hidden_size: cfg.hidden_size,
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+}
+
+/// `(B, T)` padding flags (1 = padding) -> additive attention bias `(B, 1, 1, T)`.
+pub fn padding_bias(pad: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (b, t) = pad.dims2()?;
+    // A large finite negative rather than -inf: a row with every key masked then gives a uniform
+    // distribution instead of NaN. Prefix slots are never masked, so this does not arise with
+    // the index demultiplexer.
+    (pad.to_dtype(dtype)? * -1e9)?.reshape((b, 1, 1, t))
+}
+
+impl Backbone for Encoder {
+    /// `(B, T, D)`, pad `(B, T)` -> `(B, T, D)`.
+    fn forward_t(&self, xs: &Tensor, pad: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let (_b, _t, d) = xs.dims3()?;
+        if d != self.hidden_size {
+            candle_core::bail!(
+                "encoder expects width {}, got {:?}",
+                self.hidden_size,
+                xs.shape()
+            );
+        }
+        let bias = pad.map(|p| padding_bias(p, xs.dtype())).transpose()?;
+        let mut xs = xs.clone();
+        for layer in &self.layers {
+            xs = layer.forward_t(&xs, bias.as_ref(), train)?;
+        }
+        match &self.final_norm {
+            Some(norm) => norm.forward_t(&xs, train),
+            None => Ok(xs),
+        }
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+}
+
+impl Encoder {
+    /// One layer alone, for the per-stage micro-benchmark: `(B, T, D) -> (B, T, D)`.
+    pub fn forward_layer(
+        &self,
+        i: usize,
+        xs: &Tensor,
+        pad: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let bias = pad.map(|p| padding_bias(p, xs.dtype())).transpose()?;
+        match self.layers.get(i) {
+            Some(layer) => layer.forward_t(xs, bias.as_ref(), train),
+            None => candle_core::bail!("layer {i} out of range 0..{}", self.layers.len()),
+        }
+    }
+}
+
+impl Module for Encoder {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Backbone::forward_t(self, xs, None, false)
+    }
+}

@@ -1,0 +1,152 @@
+//! Shape contract of every mux x demux pair, and the multiplexer invariants.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use candle_core::{DType, Device, Result, Tensor};
+use datamux_core::demux::Positions;
+use datamux_core::mux::{self, Multiplexer};
+use datamux_core::{DemuxKind, MuxKind, SeededVarMap, Task};
+
+use common::{Sizes, config, toy_data, toy_task};
+
+#[test]
+fn every_mux_and_demux_pair_keeps_the_shape_contract() -> Result<()> {
+    let sizes = Sizes::tiny();
+    let (n, l, d) = (3, sizes.len, sizes.enc.hidden_size);
+    let data = toy_data(8, &sizes, 0); // 8 examples at N = 3: 3 rows, one dummy slot
+    for mux in MuxKind::ALL {
+        for demux in DemuxKind::ALL {
+            let map = SeededVarMap::new(1);
+            let task = toy_task(&map, &sizes, &config(n, mux, demux), (1.0, 1.0))?;
+            let slots = datamux_core::Groups::consecutive(&(0..8).collect::<Vec<_>>(), n).slots;
+            let batch = task.batch(&data, &slots, &mut datamux_core::init::rng_for(0, "r"))?;
+            let p = task.net.prefix_len();
+            assert_eq!(
+                p,
+                if demux == DemuxKind::Index { n + 1 } else { 1 },
+                "{mux:?} {demux:?}"
+            );
+            let enc = task.net.encode(&batch.input, false)?;
+            assert_eq!(enc.hidden.dims(), [3, p + l, d], "{mux:?} {demux:?}");
+            let z = task.net.demux(&enc, Positions::Summary, false)?;
+            assert_eq!(z.dims(), [3, n, 1, d], "{mux:?} {demux:?}");
+            let z = task.net.demux(&enc, Positions::Tokens, false)?;
+            assert_eq!(z.dims(), [3, n, l, d], "{mux:?} {demux:?}");
+            assert_eq!(task.predict(&batch)?.dims(), [3 * n, sizes.classes]);
+            let losses = task.loss(&batch, true)?;
+            assert!(
+                losses.total.to_scalar::<f32>()?.is_finite(),
+                "{mux:?} {demux:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn multiplexer(cfg: &mux::Config, n: usize, d: usize) -> Result<Multiplexer> {
+    let map = SeededVarMap::new(5);
+    Multiplexer::new(
+        cfg,
+        n,
+        d,
+        5,
+        map.var_builder(DType::F32, &Device::Cpu).pp("mux"),
+    )
+}
+
+fn randn(shape: (usize, usize, usize, usize)) -> Result<Tensor> {
+    let count = shape.0 * shape.1 * shape.2 * shape.3;
+    let v = datamux_core::init::randn_vec(&mut datamux_core::init::rng_for(9, "x"), count);
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}
+
+#[test]
+fn identity_at_one_instance_returns_the_input() -> Result<()> {
+    let (b, l, d) = (2, 7, 12);
+    let xs = randn((b, 1, l, d))?;
+    for kind in [MuxKind::Identity, MuxKind::BinaryHadamard] {
+        // A single binary chunk covers all of D: the key is all ones.
+        let m = multiplexer(&mux::Config::with_kind(kind), 1, d)?;
+        let ys = m.forward(&xs)?;
+        assert_eq!(ys.dims(), [b, l, d]);
+        assert_eq!(max_abs_diff(&ys, &xs.squeeze(1)?)?, 0.0, "{kind:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn muxes_combine_as_documented() -> Result<()> {
+    let (b, n, l, d) = (2, 3, 7, 12);
+    let xs = randn((b, n, l, d))?;
+    // Gaussian: mean over N of key_i * x_i, each key of norm exactly 20.
+    let m = multiplexer(&mux::Config::with_kind(MuxKind::GaussianHadamard), n, d)?;
+    let keys = m.effective_keys()?.expect("gaussian keys");
+    let norms = keys.sqr()?.sum(1)?.sqrt()?.to_vec1::<f32>()?;
+    assert!(norms.iter().all(|v| (v - 20.0).abs() < 1e-3), "{norms:?}");
+    let want = xs
+        .broadcast_mul(&keys.reshape((1, n, 1, d))?)?
+        .sum(1)?
+        .affine(1.0 / n as f64, 0.0)?;
+    assert!(max_abs_diff(&m.forward(&xs)?, &want)? < 1e-5);
+    // Ortho: sum over N of W_i x_i divided by sqrt(N), and every W_i orthogonal.
+    let m = multiplexer(&mux::Config::with_kind(MuxKind::RandomOrtho), n, d)?;
+    let w = m.effective_keys()?.expect("ortho keys"); // (N, D, D)
+    let eye = Tensor::eye(d, DType::F32, &Device::Cpu)?;
+    for i in 0..n {
+        let wi = w.get(i)?;
+        assert!(
+            max_abs_diff(&wi.t()?.matmul(&wi)?, &eye)? < 1e-5,
+            "QᵀQ of slot {i}"
+        );
+    }
+    let mut want = Tensor::zeros((b, l, d), DType::F32, &Device::Cpu)?;
+    for i in 0..n {
+        let xi = xs.narrow(1, i, 1)?.squeeze(1)?; // (B, L, D)
+        want = (want + xi.broadcast_matmul(&w.get(i)?.t()?)?)?;
+    }
+    let want = (want / (n as f64).sqrt())?;
+    assert!(max_abs_diff(&m.forward(&xs)?, &want)? < 1e-4);
+    Ok(())
+}
+
+#[test]
+fn index_prefix_slot_i_of_instance_i_holds_its_marker() -> Result<()> {
+    let sizes = Sizes::tiny();
+    let n = 3;
+    let map = SeededVarMap::new(2);
+    let task = toy_task(
+        &map,
+        &sizes,
+        &config(n, MuxKind::Identity, DemuxKind::Index),
+        (1.0, 0.0),
+    )?;
+    let table = map.varmap().data().lock().unwrap()["demux.index_embed.weight"]
+        .as_tensor()
+        .clone();
+    assert_eq!(table.dims(), [n + 2, sizes.enc.hidden_size]);
+    let prefix = task.net.prefix().expect("index prefix").tensor()?; // (N, P, D)
+    assert_eq!(prefix.dims(), [n, n + 1, sizes.enc.hidden_size]);
+    for i in 0..n {
+        for k in 0..=n {
+            let want = if k == n {
+                n + 1
+            } else if k == i {
+                i
+            } else {
+                n
+            };
+            let got = prefix.get(i)?.get(k)?;
+            assert_eq!(
+                max_abs_diff(&got, &table.get(want)?)?,
+                0.0,
+                "instance {i}, slot {k}"
+            );
+        }
+    }
+    Ok(())
+}
