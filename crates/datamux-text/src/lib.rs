@@ -1,1 +1,20 @@
-//! placeholder
+//! Text for datamux: a WordPiece tokenizer through the `tokenizers` crate, token and position
+//! embeddings feeding the core encoder, and sentence, sentence-pair and token classification
+//! tasks with the DataMUX retrieval warm-up (arXiv 2202.09318, method.md §5).
+//!
+//! The runner hands this crate plain Rust inputs (strings, word lists, label ids), never polars.
+//! The embeddings are a [`datamux_core::Frontend`] and the trunk is the core encoder behind the
+//! [`datamux_core::Backbone`] trait, so a pretrained BERT-family encoder can later stand in for
+//! the from-scratch one by implementing `Backbone` (and loading its own embeddings as a
+//! `Frontend`), without touching the tasks.
+
+pub mod config;
+pub mod frontend;
+pub mod metrics;
+pub mod task;
+pub mod tokenizer;
+
+pub use config::{Config, Size};
+pub use frontend::{TextFrontend, TextInput};
+pub use task::{SentenceData, TextTask, TokenData};
+pub use tokenizer::{TextError, TextTokenizer};

@@ -1,0 +1,591 @@
+//! Experiment files: TOML in `experiments/`, checked at parse time, expanded into runs.
+//!
+//! A file states only what differs from the defaults. Sections: `[data]`, `[model]`, `[train]`,
+//! `[warmup]` (text), `[sweep]` (lists whose product gives the runs), `[speed]`, `[[expect]]`,
+//! `[[variant]]` (settings applied to the runs a `when` table matches) and `[profile.<name>]`
+//! (settings merged over the file for `--profile <name>`; `quick`, `standard`, `paper`, `smoke`).
+//!
+//! Every key is checked against the typed sections when the file is read, so a misspelt key
+//! anywhere (also inside profiles and variants) fails with the file, line and column. Profiles,
+//! overrides and variants are merged into the raw TOML before typed parsing (house-style §2.6).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use datamux_core::{DemuxKind, MuxKind, demux, mux};
+use serde::{Deserialize, Serialize};
+
+/// Which modality crate runs an experiment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Modality {
+    Vision,
+    Text,
+}
+
+impl Modality {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Vision => "vision",
+            Self::Text => "text",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// A catalogue name (`datamux-data/catalogue.toml`).
+    pub dataset: String,
+    /// Examples held out of `train` (a seeded choice) when the dataset has no validation split.
+    pub validation_holdout: usize,
+    /// Use at most this many training examples (0 = all); a seeded subset.
+    pub train_limit: usize,
+    /// Score at most this many validation examples during training (0 = all); the final
+    /// validation and test figures always use the whole split.
+    pub eval_limit: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: String::new(),
+            validation_holdout: 5000, // MNIST's usual 55k / 5k split
+            train_limit: 0,
+            eval_limit: 0,
+        }
+    }
+}
+
+/// The model of one run; fields of other modalities and backbones are ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// vision: `mlp`, `lenet`, `resnet`, `vit`; text: `transformer`.
+    pub backbone: String,
+    pub n_instances: usize,
+    pub mux: mux::Config,
+    pub demux: demux::Config,
+    pub image: datamux_vision::ImageSpec,
+    pub mlp: datamux_vision::mlp::Config,
+    pub cnn: datamux_vision::cnn::Config,
+    pub vit: datamux_vision::vit::Config,
+    pub text: datamux_text::Config,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            backbone: String::new(),
+            n_instances: 1,
+            mux: mux::Config::default(),
+            demux: demux::Config::default(),
+            image: datamux_vision::ImageSpec::default(),
+            mlp: Default::default(),
+            cnn: Default::default(),
+            vit: Default::default(),
+            text: Default::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimizer steps (the budget is counted in steps, never in seconds).
+    pub steps: usize,
+    /// Instances per step; the backbone sees `batch_size / N` rows.
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Linear warm-up of the learning rate, then linear decay to 0 at `steps`.
+    pub lr_warmup_steps: usize,
+    pub max_grad_norm: f64,
+    /// Validate every this many steps (and at the end); the best validation checkpoint is kept.
+    pub eval_every: usize,
+    /// Muxed rows per evaluation batch.
+    pub eval_rows: usize,
+    /// `(α_task, α_ret)` of the loss; the retrieval term applies to text only.
+    pub task_weight: f64,
+    pub retrieval_weight: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            batch_size: 64,
+            lr: 1e-3,
+            weight_decay: 0.0,  // the reference's AdamW default (method.md §10)
+            lr_warmup_steps: 0, // the reference decays linearly without warm-up
+            max_grad_norm: 1.0, // the reference's clipping
+            eval_every: 500,
+            eval_rows: 64,
+            task_weight: 0.9,      // the DataMUX fine-tuning weights
+            retrieval_weight: 0.1, // (method.md §5)
+        }
+    }
+}
+
+/// The retrieval warm-up stage of text runs (method.md §5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WarmupConfig {
+    /// Run the warm-up before fine-tuning (B2 and every muxed run); false gives B1 at N = 1.
+    pub enabled: bool,
+    /// `task` (the task's own training text) or a catalogue corpus such as `wikitext-103`.
+    pub corpus: String,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub lr_warmup_steps: usize,
+}
+
+impl Default for WarmupConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            corpus: "task".into(), // the default: the task's own training text
+            steps: 1000,
+            batch_size: 64,
+            lr: 1e-3,
+            lr_warmup_steps: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SweepConfig {
+    pub n_instances: Vec<usize>,
+    pub backbone: Vec<String>,
+    pub mux: Vec<MuxKind>,
+    pub demux: Vec<DemuxKind>,
+    pub seeds: Vec<u64>,
+    /// Text: sweep the warm-up on and off (B1 vs B2 at N = 1).
+    pub warmup: Vec<bool>,
+}
+
+impl Default for SweepConfig {
+    fn default() -> Self {
+        Self {
+            n_instances: vec![],
+            backbone: vec![],
+            mux: vec![],
+            demux: vec![],
+            seeds: vec![0],
+            warmup: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpeedConfig {
+    pub enabled: bool,
+    /// Instances per timed pass; the same at every N (rounded up to a multiple of N).
+    pub batch_instances: usize,
+    pub warmup_iters: usize,
+    pub iters: usize,
+    /// Stop measuring after this long even if `iters` is not reached.
+    pub max_seconds: f64,
+}
+
+impl Default for SpeedConfig {
+    fn default() -> Self {
+        Self { enabled: true, batch_instances: 160, warmup_iters: 2, iters: 10, max_seconds: 30.0 }
+    }
+}
+
+/// A stated outcome, checked by `run` and `verify`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Expect {
+    pub n_instances: Option<usize>,
+    pub backbone: Option<String>,
+    pub mux: Option<MuxKind>,
+    pub demux: Option<DemuxKind>,
+    pub split: String,
+    pub metric: String,
+    pub min: f64,
+}
+
+impl Default for Expect {
+    fn default() -> Self {
+        Self {
+            n_instances: None,
+            backbone: None,
+            mux: None,
+            demux: None,
+            split: "test".into(),
+            metric: "accuracy".into(),
+            min: 0.0,
+        }
+    }
+}
+
+/// Which runs a variant applies to; every given key must match.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct When {
+    pub n_instances: Vec<usize>,
+    pub backbone: Vec<String>,
+    pub mux: Vec<MuxKind>,
+    pub demux: Vec<DemuxKind>,
+    pub warmup: Vec<bool>,
+}
+
+/// Sections a profile or variant may override (checked like the file's own).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct WireSections {
+    data: Option<DataConfig>,
+    model: Option<ModelConfig>,
+    train: Option<TrainConfig>,
+    warmup: Option<WarmupConfig>,
+    sweep: Option<SweepConfig>,
+    speed: Option<SpeedConfig>,
+    expect: Option<Vec<Expect>>,
+    variant: Option<Vec<WireVariant>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct WireVariant {
+    when: When,
+    data: Option<DataConfig>,
+    model: Option<ModelConfig>,
+    train: Option<TrainConfig>,
+    warmup: Option<WarmupConfig>,
+    speed: Option<SpeedConfig>,
+}
+
+/// The whole file, for the key and type check with line and column.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct WireExperiment {
+    name: String,
+    modality: Modality,
+    analysis: Option<String>,
+    #[serde(default)]
+    data: DataConfig,
+    #[serde(default)]
+    model: ModelConfig,
+    #[serde(default)]
+    train: TrainConfig,
+    #[serde(default)]
+    warmup: WarmupConfig,
+    #[serde(default)]
+    sweep: SweepConfig,
+    #[serde(default)]
+    speed: SpeedConfig,
+    #[serde(default)]
+    expect: Vec<Expect>,
+    #[serde(default)]
+    variant: Vec<WireVariant>,
+    #[serde(default)]
+    profile: BTreeMap<String, WireSections>,
+}
+
+/// The resolved settings of one run: everything that determines its result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub experiment: String,
+    pub modality: Modality,
+    pub seed: u64,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub warmup: WarmupConfig,
+    pub speed: SpeedConfig,
+}
+
+impl RunConfig {
+    /// A stable hash of the resolved settings (FNV-1a over canonical JSON), so a changed setting
+    /// is a new run and an unchanged one is never recomputed.
+    pub fn config_hash(&self) -> String {
+        let json = serde_json::to_string(self).unwrap_or_default();
+        format!("{:016x}", datamux_core::init::name_seed(0, &json))
+    }
+
+    pub fn run_id(&self) -> String {
+        let m = &self.model;
+        let warm = if self.modality == Modality::Text && !self.warmup.enabled { "-nowarm" } else { "" };
+        format!(
+            "{}-{}-{}-n{}-s{}{}-{}",
+            m.backbone,
+            m.mux.kind.name(),
+            m.demux.kind.name(),
+            m.n_instances,
+            self.seed,
+            warm,
+            &self.config_hash()[..8]
+        )
+    }
+
+    /// The size label of the backbone for the tables (`vit-4x64`, `transformer-2x128`, ...).
+    pub fn model_size(&self) -> String {
+        let m = &self.model;
+        match m.backbone.as_str() {
+            "mlp" => format!("{}x{}", m.mlp.num_layers, m.mlp.hidden_size),
+            "lenet" | "resnet" => {
+                let c: Vec<String> = m.cnn.channels.iter().map(|c| c.to_string()).collect();
+                format!("{}-{}", c.join("-"), m.cnn.hidden_size)
+            }
+            "vit" => format!("{}x{}p{}", m.vit.encoder.num_hidden_layers, m.vit.encoder.hidden_size, m.vit.patch_size),
+            _ => format!("{}x{}", m.text.encoder.num_hidden_layers, m.text.encoder.hidden_size),
+        }
+    }
+
+    /// Cross-field checks; each error names the values.
+    pub fn validate(&self) -> Result<()> {
+        let (m, t) = (&self.model, &self.train);
+        let n = m.n_instances;
+        ensure!(n >= 1, "n_instances must be at least 1, got {n}");
+        ensure!(!self.data.dataset.is_empty(), "[data] dataset is not set");
+        ensure!(t.steps >= 1, "train.steps must be at least 1");
+        ensure!(t.eval_every >= 1 && t.eval_rows >= 1, "train.eval_every and train.eval_rows must be at least 1");
+        ensure!(t.lr > 0.0 && t.lr.is_finite(), "train.lr must be positive, got {}", t.lr);
+        ensure!(
+            t.batch_size >= n && t.batch_size % n == 0,
+            "train.batch_size {} (instances) is not divisible by n_instances {n}",
+            t.batch_size
+        );
+        ensure!(t.max_grad_norm > 0.0, "train.max_grad_norm must be positive");
+        match self.modality {
+            Modality::Vision => {
+                let arch = vision_arch(&m.backbone)?;
+                let cfg = self.vision_config();
+                cfg.validate(arch, &m.image).map_err(anyhow::Error::msg)?;
+                let (width, _) = cfg.widths(arch);
+                datamux_core::model::Config { n_instances: n, mux: m.mux.clone(), demux: m.demux.clone() }
+                    .validate(width, arch.is_sequence(), arch.name())?;
+            }
+            Modality::Text => {
+                ensure!(m.backbone == "transformer", "text backbone must be `transformer`, got `{}`", m.backbone);
+                m.text.validate(n, m.demux.kind).map_err(anyhow::Error::msg)?;
+                let w = &self.warmup;
+                if w.enabled {
+                    ensure!(
+                        w.batch_size >= n && w.batch_size % n == 0,
+                        "warmup.batch_size {} (instances) is not divisible by n_instances {n}",
+                        w.batch_size
+                    );
+                    ensure!(w.steps >= 1 && w.lr > 0.0, "warmup.steps and warmup.lr must be positive");
+                }
+                m.mux.validate(n, m.text.encoder.hidden_size)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn vision_config(&self) -> datamux_vision::Config {
+        datamux_vision::Config { mlp: self.model.mlp.clone(), cnn: self.model.cnn.clone(), vit: self.model.vit.clone() }
+    }
+
+    pub fn mux_config(&self) -> datamux_core::model::Config {
+        datamux_core::model::Config {
+            n_instances: self.model.n_instances,
+            mux: self.model.mux.clone(),
+            demux: self.model.demux.clone(),
+        }
+    }
+}
+
+pub fn vision_arch(name: &str) -> Result<datamux_vision::Arch> {
+    Ok(match name {
+        "mlp" => datamux_vision::Arch::Mlp,
+        "lenet" => datamux_vision::Arch::Lenet,
+        "resnet" => datamux_vision::Arch::Resnet,
+        "vit" => datamux_vision::Arch::Vit,
+        other => bail!("unknown vision backbone `{other}`; expected mlp, lenet, resnet or vit"),
+    })
+}
+
+/// One experiment file, its profile applied and its sweep expanded.
+#[derive(Debug, Clone)]
+pub struct Experiment {
+    pub name: String,
+    pub path: PathBuf,
+    pub profile: String,
+    pub analysis: String,
+    pub modality: Modality,
+    pub runs: Vec<RunConfig>,
+    pub expect: Vec<Expect>,
+}
+
+/// Deep merge: tables merge key by key, anything else is replaced.
+pub fn merge(base: &mut toml::Value, over: &toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o.clone(),
+    }
+}
+
+/// Set a dotted key (`train.steps`) in a table, creating intermediate tables.
+fn set_dotted(root: &mut toml::Value, key: &str, value: toml::Value) -> Result<()> {
+    let mut cur = root;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let table = cur.as_table_mut().with_context(|| format!("`{key}`: `{part}` is not a table"))?;
+        if i + 1 == parts.len() {
+            table.insert(part.to_string(), value);
+            return Ok(());
+        }
+        cur = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    }
+    Ok(())
+}
+
+/// `--set key=value` overrides: the value is parsed as TOML, or taken as a string.
+pub fn parse_override(s: &str) -> Result<(String, toml::Value)> {
+    let (k, v) = s.split_once('=').with_context(|| format!("override `{s}` is not key=value"))?;
+    let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(v.to_string()));
+    Ok((k.trim().to_string(), value))
+}
+
+fn matches(when: &When, run: &RunPoint) -> bool {
+    (when.n_instances.is_empty() || when.n_instances.contains(&run.n))
+        && (when.backbone.is_empty() || when.backbone.contains(&run.backbone))
+        && (when.mux.is_empty() || when.mux.contains(&run.mux))
+        && (when.demux.is_empty() || when.demux.contains(&run.demux))
+        && (when.warmup.is_empty() || when.warmup.contains(&run.warmup))
+}
+
+#[derive(Debug, Clone)]
+struct RunPoint {
+    n: usize,
+    backbone: String,
+    mux: MuxKind,
+    demux: DemuxKind,
+    seed: u64,
+    warmup: bool,
+}
+
+/// Read, check and expand one experiment file under a profile, with `--set` overrides.
+pub fn load(path: &Path, profile: &str, overrides: &[(String, toml::Value)]) -> Result<Experiment> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let shown = path.display();
+    // The typed check of the whole file: unknown keys and wrong types with line and column.
+    let wire: WireExperiment = toml::from_str(&text).map_err(|e| {
+        let msg = e.to_string().lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join(" | ");
+        anyhow::anyhow!("{shown}: {msg}")
+    })?;
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    ensure!(wire.name == stem, "{shown}: name `{}` must equal the file stem `{stem}`", wire.name);
+    let mut raw: toml::Value = toml::from_str(&text).with_context(|| format!("{shown}: not TOML"))?;
+    let profiles = raw.as_table_mut().and_then(|t| t.remove("profile"));
+    if let Some(p) = profiles.as_ref().and_then(|p| p.get(profile)) {
+        merge(&mut raw, p);
+    } else if profile != "default" {
+        let known: Vec<String> =
+            profiles.as_ref().and_then(|p| p.as_table()).map(|t| t.keys().cloned().collect()).unwrap_or_default();
+        bail!("{shown}: no profile `{profile}`; it has: {}", known.join(", "));
+    }
+    for (k, v) in overrides {
+        set_dotted(&mut raw, k, v.clone())?;
+    }
+    // Re-check after merging, so overrides are held to the same schema.
+    let merged_text = toml::to_string(&raw)?;
+    let wire: WireExperiment =
+        toml::from_str(&merged_text).map_err(|e| anyhow::anyhow!("{shown} (profile {profile}, overrides): {e}"))?;
+    let table = raw.as_table_mut().context("experiment is not a table")?;
+    let variants: Vec<toml::Value> = match table.remove("variant") {
+        Some(toml::Value::Array(a)) => a,
+        _ => Vec::new(),
+    };
+    for k in ["sweep", "expect", "name", "analysis", "modality"] {
+        table.remove(k);
+    }
+    let sweep = &wire.sweep;
+    let model = &wire.model;
+    let ns = if sweep.n_instances.is_empty() { vec![model.n_instances] } else { sweep.n_instances.clone() };
+    let backbones = if sweep.backbone.is_empty() { vec![model.backbone.clone()] } else { sweep.backbone.clone() };
+    let muxes = if sweep.mux.is_empty() { vec![model.mux.kind] } else { sweep.mux.clone() };
+    let demuxes = if sweep.demux.is_empty() { vec![model.demux.kind] } else { sweep.demux.clone() };
+    let warmups = if sweep.warmup.is_empty() { vec![wire.warmup.enabled] } else { sweep.warmup.clone() };
+    let mut runs = Vec::new();
+    for backbone in &backbones {
+        for &mux in &muxes {
+            for &demux in &demuxes {
+                for &n in &ns {
+                    for &warmup in &warmups {
+                        for &seed in &sweep.seeds {
+                            let point = RunPoint { n, backbone: backbone.clone(), mux, demux, seed, warmup };
+                            // B1 / B2 are N = 1 baselines; muxed text always warms up.
+                            if wire.modality == Modality::Text && !warmup && n > 1 {
+                                continue;
+                            }
+                            runs.push(resolve_run(&raw, &variants, &wire, &point, &shown.to_string())?);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for r in &runs {
+        ensure!(ids.insert(r.run_id()), "{shown}: two runs resolve to the same settings ({})", r.run_id());
+    }
+    Ok(Experiment {
+        name: wire.name,
+        path: path.to_path_buf(),
+        profile: profile.to_string(),
+        analysis: wire.analysis.unwrap_or_default(),
+        modality: wire.modality,
+        runs,
+        expect: wire.expect,
+    })
+}
+
+fn resolve_run(
+    raw: &toml::Value,
+    variants: &[toml::Value],
+    wire: &WireExperiment,
+    p: &RunPoint,
+    shown: &str,
+) -> Result<RunConfig> {
+    let mut v = raw.clone();
+    set_dotted(&mut v, "model.n_instances", toml::Value::Integer(p.n as i64))?;
+    set_dotted(&mut v, "model.backbone", toml::Value::String(p.backbone.clone()))?;
+    set_dotted(&mut v, "model.mux.kind", toml::Value::String(p.mux.name().into()))?;
+    set_dotted(&mut v, "model.demux.kind", toml::Value::String(p.demux.name().into()))?;
+    set_dotted(&mut v, "warmup.enabled", toml::Value::Boolean(p.warmup))?;
+    // Variants apply in file order; a later one overrides an earlier one.
+    for (typed, raw_variant) in wire.variant.iter().zip(variants) {
+        if matches(&typed.when, p) {
+            merge(&mut v, &variant_table(raw_variant)?);
+        }
+    }
+    let t = v.as_table_mut().context("not a table")?;
+    t.insert("experiment".into(), toml::Value::String(wire.name.clone()));
+    t.insert("modality".into(), toml::Value::String(wire.modality.name().into()));
+    t.insert("seed".into(), toml::Value::Integer(p.seed as i64));
+    t.remove("profile");
+    let run: RunConfig = v.try_into().with_context(|| format!("{shown}: run {} n={}", p.backbone, p.n))?;
+    run.validate().with_context(|| format!("{shown}: run {}", run.run_id()))?;
+    Ok(run)
+}
+
+fn variant_table(v: &toml::Value) -> Result<toml::Value> {
+    let mut t = v.as_table().cloned().context("a [[variant]] must be a table")?;
+    t.remove("when");
+    Ok(toml::Value::Table(t))
+}

@@ -1,0 +1,107 @@
+//! Text model settings and presets.
+
+use datamux_core::{DemuxKind, encoder};
+use serde::{Deserialize, Serialize};
+
+/// Encoder presets: `tiny` for tests, `small` for CPU runs, `base` the paper's size (for a GPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Size {
+    Tiny,
+    Small,
+    Base,
+    /// The sizes given in `encoder`.
+    Custom,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub size: Size,
+    /// Used when `size = "custom"`.
+    pub encoder: encoder::Config,
+    /// Tokens per instance after truncation, specials included (`L`).
+    pub max_length: usize,
+    /// BPE vocabulary trained on the training split (ignored with `tokenizer`).
+    pub vocab_size: usize,
+    pub lowercase: bool,
+    /// A `tokenizer.json` to load instead of training one.
+    pub tokenizer: Option<String>,
+    /// Dropout on the embeddings.
+    pub embedding_dropout: f64,
+    /// LayerNorm on the summed token and position embeddings, before muxing (RoBERTa's
+    /// embedding LayerNorm, method.md §2).
+    pub embedding_norm: bool,
+    /// LayerNorm on the muxed sequence before the encoder. The reference re-runs the embedding
+    /// block after muxing, whose LayerNorm removes the scale the keys give the mix (method.md §13,
+    /// open point); this makes that a setting.
+    pub mux_norm: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            size: Size::Custom,
+            encoder: Self::preset(Size::Small),
+            max_length: 64, // rt-snippets sentences are short (99 % under 64 WordPieces)
+            vocab_size: 8000, // enough for 10k sentences without many [UNK]s
+            lowercase: true,
+            tokenizer: None,
+            embedding_dropout: 0.1, // RoBERTa's hidden dropout
+            embedding_norm: true,
+            mux_norm: false,
+        }
+    }
+}
+
+impl Config {
+    pub fn preset(size: Size) -> encoder::Config {
+        match size {
+            Size::Tiny => encoder::Config::tiny(),
+            Size::Small => encoder::Config::small(),
+            Size::Base | Size::Custom => encoder::Config::base(),
+        }
+    }
+
+    /// The encoder in use: the preset, or `encoder` when custom.
+    pub fn encoder(&self) -> encoder::Config {
+        match self.size {
+            Size::Custom => self.encoder.clone(),
+            s => Self::preset(s),
+        }
+    }
+
+    pub fn tiny() -> Self {
+        Self {
+            size: Size::Tiny,
+            max_length: 16,
+            vocab_size: 200,
+            embedding_dropout: 0.0,
+            ..Self::default()
+        }
+    }
+
+    pub fn validate(&self, n: usize, demux: DemuxKind) -> Result<(), String> {
+        self.encoder().validate().map_err(|e| e.to_string())?;
+        if self.max_length < 3 {
+            return Err(format!(
+                "max_length must be at least 3 ([CLS] x [SEP]), got {}",
+                self.max_length
+            ));
+        }
+        if self.vocab_size < 10 && self.tokenizer.is_none() {
+            return Err(format!(
+                "vocab_size must be at least 10, got {}",
+                self.vocab_size
+            ));
+        }
+        if !(0.0..1.0).contains(&self.embedding_dropout) {
+            return Err(format!(
+                "embedding_dropout must be in [0, 1), got {}",
+                self.embedding_dropout
+            ));
+        }
+        let _ = (n, demux); // the prefix takes no position embeddings, so it adds no limit
+        Ok(())
+    }
+}

@@ -1,0 +1,461 @@
+//! Sentence, sentence-pair and token classification as one core `Task`, with the retrieval head
+//! of the DataMUX warm-up. `(α_task, α_ret) = (0, 1)` is the warm-up, `(0.9, 0.1)` fine-tuning,
+//! `(1, 0)` a plain classifier (method.md §5).
+//!
+//! Reference: `princeton-nlp/DataMUX`, `models/multiplexing.py`, the sentence and token muxed
+//! models, whose shared pipeline lives in the core `MuxNet` here; only the heads differ.
+
+use candle_core::{D, DType, Device, Result, Tensor};
+use rand_chacha::ChaCha8Rng;
+
+use datamux_core::SeededVarMap;
+use datamux_core::demux::Positions;
+use datamux_core::heads::{SequenceHead, TokenHead};
+use datamux_core::model::{self, MuxNet};
+use datamux_core::retrieval::{RetrievalHead, RetrievalTargets};
+use datamux_core::task::{self, Losses, Score, Task};
+
+use crate::config::Config;
+use crate::frontend::{TextBackbone, TextFrontend, TextInput};
+use crate::metrics;
+use crate::tokenizer::{TextError, TextTokenizer};
+
+/// Label id of token positions that carry no label (specials, later sub-tokens, padding).
+pub const IGNORE: u32 = u32::MAX;
+
+/// Encoded sentences (or pairs) and their labels.
+#[derive(Debug, Clone, Default)]
+pub struct SentenceData {
+    pub ids: Vec<Vec<u32>>,
+    pub labels: Vec<u32>,
+}
+
+impl SentenceData {
+    pub fn encode(
+        tk: &TextTokenizer,
+        texts: &[String],
+        pairs: Option<&[String]>,
+        labels: &[u32],
+        num_labels: usize,
+    ) -> std::result::Result<Self, TextError> {
+        let mut ids = Vec::with_capacity(texts.len());
+        for (row, text) in texts.iter().enumerate() {
+            let label = labels.get(row).copied().unwrap_or(u32::MAX);
+            if label as usize >= num_labels {
+                return Err(TextError::Label {
+                    row,
+                    label,
+                    count: num_labels,
+                });
+            }
+            ids.push(
+                tk.encode(
+                    text,
+                    pairs.and_then(|p| p.get(row)).map(String::as_str),
+                    row,
+                )?
+                .ids,
+            );
+        }
+        Ok(Self {
+            ids,
+            labels: labels.to_vec(),
+        })
+    }
+
+    /// Unlabelled text (a warm-up corpus): every label is 0 and the task loss weight must be 0.
+    pub fn corpus(tk: &TextTokenizer, lines: &[String]) -> std::result::Result<Self, TextError> {
+        let ids = lines
+            .iter()
+            .enumerate()
+            .map(|(row, t)| Ok(tk.encode(t, None, row)?.ids))
+            .collect::<std::result::Result<Vec<_>, TextError>>()?;
+        Ok(Self {
+            labels: vec![0; ids.len()],
+            ids,
+        })
+    }
+}
+
+/// Encoded word sequences: a label on the first sub-token of each word, and the gold word tags.
+#[derive(Debug, Clone, Default)]
+pub struct TokenData {
+    pub ids: Vec<Vec<u32>>,
+    /// Per token: the word's tag on its first sub-token, [`IGNORE`] elsewhere.
+    pub token_labels: Vec<Vec<u32>>,
+    /// Per token: the word's index on its first sub-token, [`IGNORE`] elsewhere.
+    pub token_words: Vec<Vec<u32>>,
+    /// Per word, for entity F1; words cut by truncation count as predicted `O`.
+    pub word_tags: Vec<Vec<u32>>,
+}
+
+impl TokenData {
+    pub fn encode(
+        tk: &TextTokenizer,
+        words: &[Vec<String>],
+        tags: &[Vec<u32>],
+        num_labels: usize,
+    ) -> std::result::Result<Self, TextError> {
+        let mut out = Self::default();
+        for (row, w) in words.iter().enumerate() {
+            let t = tags.get(row).map(Vec::as_slice).unwrap_or_default();
+            if t.len() != w.len() {
+                return Err(TextError::TagCount {
+                    row,
+                    words: w.len(),
+                    tags: t.len(),
+                });
+            }
+            if let Some(bad) = t.iter().find(|g| **g as usize >= num_labels) {
+                return Err(TextError::Label {
+                    row,
+                    label: *bad,
+                    count: num_labels,
+                });
+            }
+            let enc = tk.encode_words(w, row)?;
+            let mut prev = None;
+            let firsts: Vec<Option<u32>> = enc
+                .word_ids
+                .iter()
+                .map(|wid| {
+                    let first = wid.is_some() && *wid != prev;
+                    prev = *wid;
+                    if first { *wid } else { None }
+                })
+                .collect();
+            out.token_labels.push(
+                firsts
+                    .iter()
+                    .map(|f| f.map_or(IGNORE, |i| t[i as usize]))
+                    .collect(),
+            );
+            out.token_words
+                .push(firsts.iter().map(|f| f.unwrap_or(IGNORE)).collect());
+            out.ids.push(enc.ids);
+            out.word_tags.push(t.to_vec());
+        }
+        Ok(out)
+    }
+}
+
+/// The data of a text task.
+#[derive(Debug, Clone)]
+pub enum TextData {
+    Sentences(SentenceData),
+    Tokens(TokenData),
+}
+
+impl TextData {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Sentences(s) => s.ids.len(),
+            Self::Tokens(t) => t.ids.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn ids(&self, i: usize) -> &[u32] {
+        match self {
+            Self::Sentences(s) => &s.ids[i],
+            Self::Tokens(t) => &t.ids[i],
+        }
+    }
+}
+
+/// A device-ready batch.
+pub struct TextBatch {
+    pub input: TextInput,
+    /// Sentence labels `(B·N)`, or token labels `(B·N·L)` with [`IGNORE`].
+    pub labels: Vec<u32>,
+    pub real: Vec<bool>,
+    /// Token tasks: the word index of each labelled position `(B·N·L)`, [`IGNORE`] elsewhere,
+    /// and the gold word tags of each slot (empty for dummies), for entity F1.
+    pub words: Vec<u32>,
+    pub gold_tags: Vec<Vec<u32>>,
+    pub targets: RetrievalTargets,
+    pub len: usize,
+}
+
+#[derive(Clone, Debug)]
+enum Head {
+    Sentence(SequenceHead),
+    Token(TokenHead),
+}
+
+/// Which head a text task has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadKind {
+    Sentence,
+    Token,
+}
+
+pub struct TextTask {
+    pub net: MuxNet<TextFrontend, TextBackbone>,
+    head: Head,
+    retrieval: RetrievalHead,
+    /// `(α_task, α_ret)`.
+    pub weights: (f64, f64),
+    /// Pad every batch to this length (the speed protocol's fixed 128) instead of its longest.
+    pub fixed_len: Option<usize>,
+    label_names: Vec<String>,
+    pad_id: u32,
+    n: usize,
+    device: Device,
+}
+
+impl TextTask {
+    /// Parameters under `frontend.*`, `backbone.*`, `mux.*`, `demux.*`, `head.*` and
+    /// `retrieval.*` of `map`.
+    pub fn new(
+        cfg: &Config,
+        mux: &model::Config,
+        head: HeadKind,
+        label_names: &[String],
+        tk: &TextTokenizer,
+        weights: (f64, f64),
+        map: &SeededVarMap,
+        device: &Device,
+    ) -> Result<Self> {
+        let enc = cfg.encoder();
+        cfg.validate(mux.n_instances, mux.demux.kind)
+            .map_err(candle_core::Error::Msg)?;
+        let vb = map.var_builder(DType::F32, device);
+        let d = enc.hidden_size;
+        let v = tk.vocab_size();
+        let frontend = TextFrontend::new(
+            v,
+            cfg.max_length,
+            d,
+            cfg.embedding_norm,
+            cfg.embedding_dropout,
+            enc.layer_norm_eps,
+            vb.pp("frontend"),
+        )?;
+        let backbone = TextBackbone::new(&enc, cfg.mux_norm, vb.pp("backbone"))?;
+        let net = MuxNet::new(mux, frontend, backbone, map.seed(), vb.clone())?;
+        let classes = label_names.len();
+        let head = match head {
+            HeadKind::Sentence => Head::Sentence(SequenceHead::new(d, classes, vb.pp("head"))?),
+            HeadKind::Token => Head::Token(TokenHead::new(d, classes, vb.pp("head"))?),
+        };
+        let retrieval = RetrievalHead::new(&mux.demux, mux.n_instances, d, v, vb.pp("retrieval"))?;
+        Ok(Self {
+            net,
+            head,
+            retrieval,
+            weights,
+            fixed_len: None,
+            label_names: label_names.to_vec(),
+            pad_id: tk.pad_id,
+            n: mux.n_instances,
+            device: device.clone(),
+        })
+    }
+
+    /// Task logits: `(B·N, C)` for sentences, `(B·N, L, C)` for tokens.
+    fn logits(&self, batch: &TextBatch, train: bool) -> Result<(datamux_core::Encoded, Tensor)> {
+        match &self.head {
+            Head::Sentence(h) => {
+                let (enc, z) = self
+                    .net
+                    .forward_t(&batch.input, Positions::Summary, train)?;
+                Ok((enc, h.forward(&z)?))
+            }
+            Head::Token(h) => {
+                let (enc, z) = self.net.forward_t(&batch.input, Positions::Tokens, train)?;
+                Ok((enc, h.forward(&z)?))
+            }
+        }
+    }
+
+    fn task_loss(&self, logits: &Tensor, batch: &TextBatch) -> Result<Tensor> {
+        match &self.head {
+            Head::Sentence(_) => task::real_cross_entropy(logits, &batch.labels, &batch.real),
+            Head::Token(_) => {
+                // (B·N, L, C) -> (B·N·L, C); labelled positions of real instances only.
+                let c = logits.dim(D::Minus1)?;
+                let flat = logits.reshape(((), c))?;
+                let keep: Vec<bool> = batch.labels.iter().map(|l| *l != IGNORE).collect();
+                if !keep.iter().any(|k| *k) {
+                    return Tensor::zeros((), DType::F32, &self.device);
+                }
+                task::real_cross_entropy(&flat, &batch.labels, &keep)
+            }
+        }
+    }
+}
+
+impl Task for TextTask {
+    type Data = TextData;
+    type Batch = TextBatch;
+
+    fn n_instances(&self) -> usize {
+        self.n
+    }
+
+    fn len(&self, data: &TextData) -> usize {
+        data.len()
+    }
+
+    /// Dummy slots are all padding: they add nothing to the mix and carry no labels.
+    fn batch(
+        &self,
+        data: &TextData,
+        slots: &[Option<usize>],
+        rng: &mut ChaCha8Rng,
+    ) -> Result<TextBatch> {
+        let n = self.n;
+        let b = slots.len() / n;
+        let longest = slots
+            .iter()
+            .flatten()
+            .map(|i| data.ids(*i).len())
+            .max()
+            .unwrap_or(1);
+        let l = self.fixed_len.unwrap_or(longest).max(1);
+        let mut ids = Vec::with_capacity(slots.len() * l);
+        let mut pad = Vec::with_capacity(slots.len() * l);
+        let mut labels = Vec::new();
+        let mut words = Vec::new();
+        let mut gold_tags = Vec::new();
+        for slot in slots {
+            let seq: &[u32] = slot.map(|i| data.ids(i)).unwrap_or_default();
+            let seq = &seq[..seq.len().min(l)];
+            ids.extend(seq);
+            ids.extend(std::iter::repeat_n(self.pad_id, l - seq.len()));
+            pad.extend((0..l).map(|j| j >= seq.len()));
+            match data {
+                TextData::Sentences(s) => labels.push(slot.map_or(0, |i| s.labels[i])),
+                TextData::Tokens(t) => {
+                    let tl: &[u32] = slot
+                        .map(|i| t.token_labels[i].as_slice())
+                        .unwrap_or_default();
+                    let tw: &[u32] = slot
+                        .map(|i| t.token_words[i].as_slice())
+                        .unwrap_or_default();
+                    labels.extend((0..l).map(|j| tl.get(j).copied().unwrap_or(IGNORE)));
+                    words.extend((0..l).map(|j| tw.get(j).copied().unwrap_or(IGNORE)));
+                    gold_tags.push(slot.map(|i| t.word_tags[i].clone()).unwrap_or_default());
+                }
+            }
+        }
+        let real = datamux_core::group::real_mask(slots);
+        let targets =
+            RetrievalTargets::sample(&ids, &pad, &real, (b, n, l), self.net.prefix_len(), rng);
+        let pad_u8: Vec<u8> = pad.iter().map(|p| u8::from(*p)).collect();
+        Ok(TextBatch {
+            input: TextInput {
+                ids: Tensor::from_vec(ids, (b, n, l), &self.device)?,
+                pad: Tensor::from_vec(pad_u8, (b, n, l), &self.device)?,
+            },
+            labels,
+            real,
+            words,
+            gold_tags,
+            targets,
+            len: l,
+        })
+    }
+
+    fn loss(&self, batch: &TextBatch, train: bool) -> Result<Losses> {
+        let (a_task, a_ret) = self.weights;
+        let (enc, task) = if a_task > 0.0 {
+            let (enc, logits) = self.logits(batch, train)?;
+            (enc, Some(self.task_loss(&logits, batch)?))
+        } else {
+            // The warm-up needs no task head.
+            (self.net.encode(&batch.input, train)?, None)
+        };
+        let retrieval = if a_ret > 0.0 {
+            Some(
+                self.retrieval
+                    .forward_t(&enc.hidden, &batch.targets, train)?
+                    .loss,
+            )
+        } else {
+            None
+        };
+        let mut total = Tensor::zeros((), DType::F32, &self.device)?;
+        if let Some(t) = &task {
+            total = (total + (t * a_task)?)?;
+        }
+        if let Some(r) = &retrieval {
+            total = (total + (r * a_ret)?)?;
+        }
+        Ok(Losses {
+            total,
+            task,
+            retrieval,
+        })
+    }
+
+    fn score(&self, batch: &TextBatch) -> Result<Score> {
+        let (enc, logits) = self.logits(batch, false)?;
+        let mut score = match &self.head {
+            Head::Sentence(_) => task::slot_counts(&logits, &batch.labels, &batch.real, self.n)?,
+            Head::Token(_) => self.token_score(&logits, batch)?,
+        };
+        let r = self
+            .retrieval
+            .forward_t(&enc.hidden, &batch.targets, false)?;
+        score.retrieval_correct = r.correct;
+        score.retrieval_total = r.total;
+        Ok(score)
+    }
+
+    fn predict(&self, batch: &TextBatch) -> Result<Tensor> {
+        Ok(self.logits(batch, false)?.1)
+    }
+
+    fn selection_metric(&self) -> &'static str {
+        match self.head {
+            Head::Sentence(_) => "accuracy",
+            Head::Token(_) => "f1",
+        }
+    }
+}
+
+impl TextTask {
+    /// Token accuracy per slot over labelled positions, and entity-level F1 over words: each
+    /// word is predicted at its first sub-token; words cut off by truncation count as `O`.
+    fn token_score(&self, logits: &Tensor, batch: &TextBatch) -> Result<Score> {
+        let pred = logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?; // (B·N·L)
+        let l = batch.len;
+        let name = |id: u32| {
+            self.label_names
+                .get(id as usize)
+                .map(String::as_str)
+                .unwrap_or("O")
+        };
+        let mut score = Score::with_slots(self.n);
+        let mut spans = [0u64; 3];
+        for row in 0..batch.real.len() {
+            if !batch.real[row] {
+                continue;
+            }
+            score.examples += 1;
+            let gold = &batch.gold_tags[row];
+            let mut predicted = vec!["O"; gold.len()];
+            for j in 0..l {
+                let (label, word) = (batch.labels[row * l + j], batch.words[row * l + j]);
+                if label == IGNORE {
+                    continue;
+                }
+                score.slot_total[row % self.n] += 1;
+                score.slot_correct[row % self.n] += u64::from(pred[row * l + j] == label);
+                if let Some(p) = predicted.get_mut(word as usize) {
+                    *p = name(pred[row * l + j]);
+                }
+            }
+            let gold: Vec<&str> = gold.iter().map(|g| name(*g)).collect();
+            let c = metrics::span_counts(&gold, &predicted);
+            (0..3).for_each(|k| spans[k] += c[k]);
+        }
+        score.spans = Some(spans);
+        Ok(score)
+    }
+}

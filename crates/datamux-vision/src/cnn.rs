@@ -1,0 +1,242 @@
+//! CNNs on images. Frontend: a learned per-slot convolutional stem, the reference notebook's
+//! `nonlinear-expand` multiplexer (conv 3x3 -> tanh -> conv 3x3 -> tanh, one set of weights per
+//! instance slot), `(B, N, C, H, W) -> (B, N, H·W, K)`; the core multiplexer then averages the N
+//! stem outputs. Backbone: a LeNet-style or a small ResNet-style CNN, pooled to one vector,
+//! `(B, H·W, K) -> (B, 1, D)`.
+//!
+//! Reference: `princeton-nlp/DataMUX`, `vision/vision_multiplexing.ipynb`, `MuxLeNet` with
+//! `mod = "nonlinear-expand"` (method.md §3.2, §6.2). Differences: 28 x 28 inputs unless the
+//! experiment crops, ReLU in the trunk, and cross-entropy instead of MSE on ±1 targets.
+//!
+//! The N stems are one grouped convolution (`groups = N`) over the `(B, N·C, H, W)` stack, so no
+//! loop over slots runs in the model code.
+
+use candle_core::{Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use datamux_core::layers;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Hidden channels of each per-slot stem.
+    pub stem_hidden: usize,
+    /// Output channels `K` of each stem, the width that is multiplexed.
+    pub stem_channels: usize,
+    /// Channels of the trunk's stages.
+    pub channels: Vec<usize>,
+    /// Width `D` of the pooled output.
+    pub hidden_size: usize,
+    pub dropout: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            stem_hidden: 16,        // the notebook's nonlinear stem
+            stem_channels: 8,       // the notebook's nonlinear-expand width
+            channels: vec![32, 64], // wider than LeNet's 10/16, for the capacity large N needs
+            hidden_size: 128,
+            dropout: 0.0,
+        }
+    }
+}
+
+/// Per-slot stems as grouped convolutions.
+#[derive(Clone, Debug)]
+pub struct ConvStem {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    n: usize,
+    k: usize,
+}
+
+impl ConvStem {
+    pub fn new(cfg: &Config, n: usize, channels: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let grouped = Conv2dConfig {
+            padding: 1,
+            groups: n,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv1: candle_nn::conv2d(
+                n * channels,
+                n * cfg.stem_hidden,
+                3,
+                grouped,
+                vb.pp("stem1"),
+            )?,
+            conv2: candle_nn::conv2d(
+                n * cfg.stem_hidden,
+                n * cfg.stem_channels,
+                3,
+                grouped,
+                vb.pp("stem2"),
+            )?,
+            n,
+            k: cfg.stem_channels,
+        })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.k
+    }
+
+    /// `(B, N, C, H, W) -> (B, N, H·W, K)`.
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, n, c, h, w) = pixels.dims5()?;
+        if n != self.n {
+            candle_core::bail!("stem built for N = {}, got {:?}", self.n, pixels.shape());
+        }
+        let xs = pixels.reshape((b, n * c, h, w))?; // slot i owns channels i·C..(i+1)·C
+        let xs = xs.apply(&self.conv1)?.tanh()?.apply(&self.conv2)?.tanh()?; // (B, N·K, H, W)
+        // (B, N·K, H, W) -> (B, N, K, H·W) -> (B, N, H·W, K)
+        xs.reshape((b, n, self.k, h * w))?
+            .transpose(2, 3)?
+            .contiguous()
+    }
+}
+
+/// Which trunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trunk {
+    /// conv-ReLU-maxpool per stage, then a linear layer on the flattened map.
+    Lenet,
+    /// a residual block per stage, stride-2 convolutions between stages, global average pooling.
+    Resnet,
+}
+
+#[derive(Clone, Debug)]
+struct Residual {
+    conv1: Conv2d,
+    conv2: Conv2d,
+}
+
+impl Residual {
+    fn new(c: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let same = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv1: candle_nn::conv2d(c, c, 3, same, vb.pp("conv1"))?,
+            conv2: candle_nn::conv2d(c, c, 3, same, vb.pp("conv2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let y = xs.apply(&self.conv1)?.relu()?.apply(&self.conv2)?;
+        (xs + y)?.relu()
+    }
+}
+
+/// ref: `MuxLeNet`'s trunk (conv, pool, conv, pool, dense) in the notebook.
+#[derive(Clone, Debug)]
+pub struct Cnn {
+    trunk: Trunk,
+    convs: Vec<Conv2d>,
+    blocks: Vec<Residual>,
+    out: Linear,
+    side: usize,
+    k: usize,
+    d: usize,
+    dropout: f64,
+}
+
+impl Cnn {
+    pub fn new(cfg: &Config, trunk: Trunk, image_size: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        if cfg.channels.is_empty() {
+            candle_core::bail!("the CNN needs at least one stage in `channels`");
+        }
+        let mut convs = Vec::new();
+        let mut blocks = Vec::new();
+        let mut c_in = cfg.stem_channels;
+        let mut side = image_size;
+        for (i, &c) in cfg.channels.iter().enumerate() {
+            let vb = vb.pp("stages").pp(i);
+            match trunk {
+                Trunk::Lenet => {
+                    let same = Conv2dConfig {
+                        padding: 1,
+                        ..Default::default()
+                    };
+                    convs.push(candle_nn::conv2d(c_in, c, 3, same, vb.pp("conv"))?);
+                    side /= 2; // max-pool 2
+                }
+                Trunk::Resnet => {
+                    // The first stage keeps the size; later ones halve it with a stride.
+                    let stride = if i == 0 { 1 } else { 2 };
+                    let cfg = Conv2dConfig {
+                        padding: 1,
+                        stride,
+                        ..Default::default()
+                    };
+                    convs.push(candle_nn::conv2d(c_in, c, 3, cfg, vb.pp("conv"))?);
+                    blocks.push(Residual::new(c, vb.pp("block"))?);
+                    if i > 0 {
+                        side = side.div_ceil(2);
+                    }
+                }
+            }
+            c_in = c;
+            if side == 0 {
+                candle_core::bail!(
+                    "image size {image_size} is too small for {} stages",
+                    cfg.channels.len()
+                );
+            }
+        }
+        let flat = match trunk {
+            Trunk::Lenet => c_in * side * side,
+            Trunk::Resnet => c_in, // global average pooling
+        };
+        Ok(Self {
+            trunk,
+            convs,
+            blocks,
+            out: candle_nn::linear(flat, cfg.hidden_size, vb.pp("out"))?,
+            side: image_size,
+            k: cfg.stem_channels,
+            d: cfg.hidden_size,
+            dropout: cfg.dropout,
+        })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.d
+    }
+
+    /// `(B, H·W, K) -> (B, 1, D)`.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, l, k) = xs.dims3()?;
+        if l != self.side * self.side || k != self.k {
+            candle_core::bail!(
+                "CNN expects (B, {}, {}), got {:?}",
+                self.side * self.side,
+                self.k,
+                xs.shape()
+            );
+        }
+        // (B, H·W, K) -> (B, K, H·W) -> (B, K, H, W)
+        let mut xs = xs
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, k, self.side, self.side))?;
+        for (i, conv) in self.convs.iter().enumerate() {
+            xs = xs.apply(conv)?.relu()?;
+            xs = match self.trunk {
+                Trunk::Lenet => xs.max_pool2d(2)?,
+                Trunk::Resnet => self.blocks[i].forward(&xs)?,
+            };
+        }
+        let flat = match self.trunk {
+            Trunk::Lenet => xs.flatten_from(1)?, // (B, C·H'·W')
+            Trunk::Resnet => xs.mean((2, 3))?,   // (B, C)
+        };
+        let ys = layers::dropout(&flat, self.dropout, train)?
+            .apply(&self.out)?
+            .relu()?;
+        ys.unsqueeze(1) // (B, 1, D)
+    }
+}

@@ -1,0 +1,86 @@
+//! A Vision Transformer: non-overlapping patches, a linear patch embedding and learned position
+//! embeddings, `(B, N, C, H, W) -> (B, N, L, D)` with `L = (H / p)·(W / p)`, then the core
+//! encoder. The index prefix plays the role of ViT's CLS token, so there is none here.
+//! Dosovitskiy et al., arXiv 2010.11929; the multiplexed ViT is an extension beyond the paper
+//! (method.md §6.1).
+
+use candle_core::{Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use datamux_core::encoder;
+use datamux_core::layers;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub patch_size: usize,
+    pub encoder: encoder::Config,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            patch_size: 7, // 16 patches on MNIST: cheap enough for CPU sweeps
+            encoder: encoder::Config {
+                num_hidden_layers: 4,
+                hidden_size: 64,
+                num_attention_heads: 4,
+                intermediate_size: 128,
+                hidden_dropout_prob: 0.0, // short budgets underfit first
+                attention_probs_dropout_prob: 0.0,
+                pre_layer_norm: true, // ViTs are pre-LN
+                ..encoder::Config::base()
+            },
+        }
+    }
+}
+
+/// Patch and position embeddings; parameter paths `patch`, `positions`.
+#[derive(Clone, Debug)]
+pub struct PatchEmbedding {
+    patch: Linear,
+    positions: Tensor,
+    p: usize,
+    d: usize,
+}
+
+impl PatchEmbedding {
+    pub fn new(
+        cfg: &Config,
+        channels: usize,
+        image_size: usize,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        let p = cfg.patch_size;
+        if p == 0 || image_size % p != 0 {
+            candle_core::bail!("patch size {p} does not divide image size {image_size}");
+        }
+        let d = cfg.encoder.hidden_size;
+        let l = (image_size / p) * (image_size / p);
+        Ok(Self {
+            patch: layers::linear(channels * p * p, d, vb.pp("patch"))?,
+            positions: layers::embedding_table(l, d, vb.pp("positions"))?,
+            p,
+            d,
+        })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.d
+    }
+
+    /// `(B, N, C, H, W) -> (B, N, L, D)`.
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, n, c, h, w) = pixels.dims5()?;
+        let (p, gh, gw) = (self.p, h / self.p, w / self.p);
+        // (B·N, C, gh, p, gw, p) -> (B·N, gh, gw, C, p, p) -> (B·N, L, C·p·p)
+        let patches = pixels
+            .reshape((b * n, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * n, gh * gw, c * p * p))?;
+        let xs = patches.apply(&self.patch)?.broadcast_add(&self.positions)?; // (B·N, L, D)
+        xs.reshape((b, n, gh * gw, self.d))
+    }
+}
