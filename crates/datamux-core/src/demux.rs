@@ -120,11 +120,11 @@ impl Prefix {
                             .chain(std::iter::once(n as u32 + 1))
                     })
                     .collect();
-                let table = layers::embedding_table(n + 2, d, vb.pp("index_embed"))?;
+                let table = prefix_table(n + 2, d, vb.pp("index_embed"))?;
                 (table, Tensor::from_vec(ids, (n, n + 1), vb.device())?)
             }
             DemuxKind::Mlp | DemuxKind::Rsa => {
-                let table = layers::embedding_table(1, d, vb.pp("summary"))?;
+                let table = prefix_table(1, d, vb.pp("summary"))?;
                 (
                     table,
                     Tensor::zeros((n, 1), candle_core::DType::U32, vb.device())?,
@@ -387,6 +387,21 @@ impl Demux {
             }
         }
     }
+}
+
+/// Prefix rows start at unit scale (normal, std 1): they are muxed next to frontend outputs of
+/// about unit RMS (text embeddings leave a LayerNorm), and in the reference the prefix ids pass
+/// through the same embedding LayerNorm as the tokens. With BERT's 0.02 the markers start ~50x
+/// smaller than the tokens they are averaged with, and the demultiplexer cannot find them.
+fn prefix_table(rows: usize, d: usize, vb: VarBuilder<'_>) -> Result<Tensor> {
+    vb.get_with_hints(
+        (rows, d),
+        "weight",
+        Init::Randn {
+            mean: 0.0,
+            stdev: 1.0,
+        },
+    )
 }
 
 /// A `(D, 2D)` weight of a layer on `[a ; b]` split into the halves acting on `a` and on `b`.

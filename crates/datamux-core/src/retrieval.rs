@@ -29,16 +29,18 @@ pub struct RetrievalTargets {
 }
 
 impl RetrievalTargets {
-    /// Draw one slot per (row, position) and keep the pair where that slot is a real instance
-    /// and its token is not padding. `tokens` and `pad` are `(B, N, L)` row-major, `real` is
-    /// `(B, N)`. A slot is drawn for every position, kept or not, so the stream does not depend
-    /// on the padding.
+    /// Draw one slot per (row, position) and keep the pair where that slot is a real instance,
+    /// its token is not padding, and a draw with probability `fraction` says so (the reference's
+    /// `retrieval_percentage`; 1.0 keeps every target). `tokens` and `pad` are `(B, N, L)`
+    /// row-major, `real` is `(B, N)`. The draws are made for every position, kept or not, so the
+    /// stream does not depend on the padding.
     pub fn sample(
         tokens: &[u32],
         pad: &[bool],
         real: &[bool],
         (b, n, l): (usize, usize, usize),
         prefix_len: usize,
+        fraction: f64,
         rng: &mut ChaCha8Rng,
     ) -> Self {
         let t = prefix_len + l;
@@ -46,8 +48,9 @@ impl RetrievalTargets {
         for row in 0..b {
             for j in 0..l {
                 let r = rng.random_range(0..n);
+                let keep = fraction >= 1.0 || rng.random_bool(fraction.clamp(0.0, 1.0));
                 let inst = row * n + r;
-                if !real[inst] || pad[inst * l + j] {
+                if !keep || !real[inst] || pad[inst * l + j] {
                     continue;
                 }
                 out.rows.push((row * t + prefix_len + j) as u32);
@@ -163,7 +166,15 @@ mod tests {
         let tokens = [5, 6, 7, 8, 9, 10];
         let pad = [false, false, true, false, false, false];
         let real = [true, false];
-        let t = RetrievalTargets::sample(&tokens, &pad, &real, (1, 2, 3), 3, &mut rng_for(0, "r"));
+        let t = RetrievalTargets::sample(
+            &tokens,
+            &pad,
+            &real,
+            (1, 2, 3),
+            3,
+            1.0,
+            &mut rng_for(0, "r"),
+        );
         for (i, &slot) in t.slots.iter().enumerate() {
             assert_eq!(slot, 0);
             let j = t.rows[i] as usize - 3;
@@ -171,5 +182,33 @@ mod tests {
             assert_eq!(t.targets[i], tokens[j]);
             assert_eq!(t.slot_rows[i], 0);
         }
+    }
+
+    #[test]
+    fn fraction_keeps_about_that_share() {
+        let (b, n, l) = (20, 2, 50);
+        let tokens = vec![1u32; b * n * l];
+        let pad = vec![false; b * n * l];
+        let real = vec![true; b * n];
+        let all = RetrievalTargets::sample(
+            &tokens,
+            &pad,
+            &real,
+            (b, n, l),
+            0,
+            1.0,
+            &mut rng_for(0, "r"),
+        );
+        let some = RetrievalTargets::sample(
+            &tokens,
+            &pad,
+            &real,
+            (b, n, l),
+            0,
+            0.25,
+            &mut rng_for(0, "r"),
+        );
+        assert_eq!(all.len(), b * l);
+        assert!((200..300).contains(&some.len()), "{}", some.len());
     }
 }

@@ -158,6 +158,8 @@ impl Default for WarmupConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SweepConfig {
+    /// Catalogue names; a dataset that cannot be had gives `unavailable` rows.
+    pub dataset: Vec<String>,
     pub n_instances: Vec<usize>,
     pub backbone: Vec<String>,
     pub mux: Vec<MuxKind>,
@@ -170,6 +172,7 @@ pub struct SweepConfig {
 impl Default for SweepConfig {
     fn default() -> Self {
         Self {
+            dataset: vec![],
             n_instances: vec![],
             backbone: vec![],
             mux: vec![],
@@ -194,7 +197,13 @@ pub struct SpeedConfig {
 
 impl Default for SpeedConfig {
     fn default() -> Self {
-        Self { enabled: true, batch_instances: 160, warmup_iters: 2, iters: 10, max_seconds: 30.0 }
+        Self {
+            enabled: true,
+            batch_instances: 160,
+            warmup_iters: 2,
+            iters: 10,
+            max_seconds: 30.0,
+        }
     }
 }
 
@@ -229,6 +238,7 @@ impl Default for Expect {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct When {
+    pub dataset: Vec<String>,
     pub n_instances: Vec<usize>,
     pub backbone: Vec<String>,
     pub mux: Vec<MuxKind>,
@@ -256,6 +266,9 @@ struct WireSections {
 #[allow(dead_code)]
 struct WireVariant {
     when: When,
+    /// Leave the matching runs out of the sweep.
+    #[serde(default)]
+    skip: bool,
     data: Option<DataConfig>,
     model: Option<ModelConfig>,
     train: Option<TrainConfig>,
@@ -298,10 +311,15 @@ pub struct RunConfig {
     pub experiment: String,
     pub modality: Modality,
     pub seed: u64,
+    #[serde(default)]
     pub data: DataConfig,
+    #[serde(default)]
     pub model: ModelConfig,
+    #[serde(default)]
     pub train: TrainConfig,
+    #[serde(default)]
     pub warmup: WarmupConfig,
+    #[serde(default)]
     pub speed: SpeedConfig,
 }
 
@@ -315,9 +333,14 @@ impl RunConfig {
 
     pub fn run_id(&self) -> String {
         let m = &self.model;
-        let warm = if self.modality == Modality::Text && !self.warmup.enabled { "-nowarm" } else { "" };
+        let warm = if self.modality == Modality::Text && !self.warmup.enabled {
+            "-nowarm"
+        } else {
+            ""
+        };
         format!(
-            "{}-{}-{}-n{}-s{}{}-{}",
+            "{}-{}-{}-{}-n{}-s{}{}-{}",
+            self.data.dataset,
             m.backbone,
             m.mux.kind.name(),
             m.demux.kind.name(),
@@ -337,8 +360,14 @@ impl RunConfig {
                 let c: Vec<String> = m.cnn.channels.iter().map(|c| c.to_string()).collect();
                 format!("{}-{}", c.join("-"), m.cnn.hidden_size)
             }
-            "vit" => format!("{}x{}p{}", m.vit.encoder.num_hidden_layers, m.vit.encoder.hidden_size, m.vit.patch_size),
-            _ => format!("{}x{}", m.text.encoder.num_hidden_layers, m.text.encoder.hidden_size),
+            "vit" => format!(
+                "{}x{}p{}",
+                m.vit.encoder.num_hidden_layers, m.vit.encoder.hidden_size, m.vit.patch_size
+            ),
+            _ => {
+                let e = m.text.encoder();
+                format!("{}x{}", e.num_hidden_layers, e.hidden_size)
+            }
         }
     }
 
@@ -348,27 +377,74 @@ impl RunConfig {
         let n = m.n_instances;
         ensure!(n >= 1, "n_instances must be at least 1, got {n}");
         ensure!(!self.data.dataset.is_empty(), "[data] dataset is not set");
+        let entry = datamux_data::Catalogue::builtin()?
+            .get(&self.data.dataset)?
+            .clone();
+        let fits = match self.modality {
+            Modality::Vision => entry.kind == datamux_data::Kind::ImageClassification,
+            Modality::Text => matches!(
+                entry.kind,
+                datamux_data::Kind::TextClassification | datamux_data::Kind::TokenClassification
+            ),
+        };
+        ensure!(
+            fits,
+            "dataset `{}` is {}, which a {} experiment cannot train on",
+            entry.name,
+            entry.kind.name(),
+            self.modality.name()
+        );
+        if self.modality == Modality::Text && self.warmup.enabled && self.warmup.corpus != "task" {
+            let corpus = datamux_data::Catalogue::builtin()?
+                .get(&self.warmup.corpus)?
+                .clone();
+            ensure!(
+                corpus.kind != datamux_data::Kind::ImageClassification,
+                "warm-up corpus `{}` is not text",
+                corpus.name
+            );
+        }
         ensure!(t.steps >= 1, "train.steps must be at least 1");
-        ensure!(t.eval_every >= 1 && t.eval_rows >= 1, "train.eval_every and train.eval_rows must be at least 1");
-        ensure!(t.lr > 0.0 && t.lr.is_finite(), "train.lr must be positive, got {}", t.lr);
+        ensure!(
+            t.eval_every >= 1 && t.eval_rows >= 1,
+            "train.eval_every and train.eval_rows must be at least 1"
+        );
+        ensure!(
+            t.lr > 0.0 && t.lr.is_finite(),
+            "train.lr must be positive, got {}",
+            t.lr
+        );
         ensure!(
             t.batch_size >= n && t.batch_size % n == 0,
             "train.batch_size {} (instances) is not divisible by n_instances {n}",
             t.batch_size
         );
-        ensure!(t.max_grad_norm > 0.0, "train.max_grad_norm must be positive");
+        ensure!(
+            t.max_grad_norm > 0.0,
+            "train.max_grad_norm must be positive"
+        );
         match self.modality {
             Modality::Vision => {
                 let arch = vision_arch(&m.backbone)?;
                 let cfg = self.vision_config();
                 cfg.validate(arch, &m.image).map_err(anyhow::Error::msg)?;
                 let (width, _) = cfg.widths(arch);
-                datamux_core::model::Config { n_instances: n, mux: m.mux.clone(), demux: m.demux.clone() }
-                    .validate(width, arch.is_sequence(), arch.name())?;
+                datamux_core::model::Config {
+                    n_instances: n,
+                    mux: m.mux.clone(),
+                    demux: m.demux.clone(),
+                }
+                .validate(width, arch.is_sequence(), arch.name())?;
             }
             Modality::Text => {
-                ensure!(m.backbone == "transformer", "text backbone must be `transformer`, got `{}`", m.backbone);
-                m.text.validate(n, m.demux.kind).map_err(anyhow::Error::msg)?;
+                ensure!(
+                    m.backbone == "transformer",
+                    "text backbone must be `transformer`, got `{}`",
+                    m.backbone
+                );
+                m.text
+                    .validate(n, m.demux.kind)
+                    .map_err(anyhow::Error::msg)?;
                 let w = &self.warmup;
                 if w.enabled {
                     ensure!(
@@ -376,16 +452,23 @@ impl RunConfig {
                         "warmup.batch_size {} (instances) is not divisible by n_instances {n}",
                         w.batch_size
                     );
-                    ensure!(w.steps >= 1 && w.lr > 0.0, "warmup.steps and warmup.lr must be positive");
+                    ensure!(
+                        w.steps >= 1 && w.lr > 0.0,
+                        "warmup.steps and warmup.lr must be positive"
+                    );
                 }
-                m.mux.validate(n, m.text.encoder.hidden_size)?;
+                m.mux.validate(n, m.text.encoder().hidden_size)?;
             }
         }
         Ok(())
     }
 
     pub fn vision_config(&self) -> datamux_vision::Config {
-        datamux_vision::Config { mlp: self.model.mlp.clone(), cnn: self.model.cnn.clone(), vit: self.model.vit.clone() }
+        datamux_vision::Config {
+            mlp: self.model.mlp.clone(),
+            cnn: self.model.cnn.clone(),
+            vit: self.model.vit.clone(),
+        }
     }
 
     pub fn mux_config(&self) -> datamux_core::model::Config {
@@ -441,19 +524,25 @@ fn set_dotted(root: &mut toml::Value, key: &str, value: toml::Value) -> Result<(
     let mut cur = root;
     let parts: Vec<&str> = key.split('.').collect();
     for (i, part) in parts.iter().enumerate() {
-        let table = cur.as_table_mut().with_context(|| format!("`{key}`: `{part}` is not a table"))?;
+        let table = cur
+            .as_table_mut()
+            .with_context(|| format!("`{key}`: `{part}` is not a table"))?;
         if i + 1 == parts.len() {
             table.insert(part.to_string(), value);
             return Ok(());
         }
-        cur = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
     }
     Ok(())
 }
 
 /// `--set key=value` overrides: the value is parsed as TOML, or taken as a string.
 pub fn parse_override(s: &str) -> Result<(String, toml::Value)> {
-    let (k, v) = s.split_once('=').with_context(|| format!("override `{s}` is not key=value"))?;
+    let (k, v) = s
+        .split_once('=')
+        .with_context(|| format!("override `{s}` is not key=value"))?;
     let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
         .ok()
         .and_then(|mut t| t.remove("v"))
@@ -462,7 +551,8 @@ pub fn parse_override(s: &str) -> Result<(String, toml::Value)> {
 }
 
 fn matches(when: &When, run: &RunPoint) -> bool {
-    (when.n_instances.is_empty() || when.n_instances.contains(&run.n))
+    (when.dataset.is_empty() || when.dataset.contains(&run.dataset))
+        && (when.n_instances.is_empty() || when.n_instances.contains(&run.n))
         && (when.backbone.is_empty() || when.backbone.contains(&run.backbone))
         && (when.mux.is_empty() || when.mux.contains(&run.mux))
         && (when.demux.is_empty() || when.demux.contains(&run.demux))
@@ -471,6 +561,7 @@ fn matches(when: &When, run: &RunPoint) -> bool {
 
 #[derive(Debug, Clone)]
 struct RunPoint {
+    dataset: String,
     n: usize,
     backbone: String,
     mux: MuxKind,
@@ -481,31 +572,63 @@ struct RunPoint {
 
 /// Read, check and expand one experiment file under a profile, with `--set` overrides.
 pub fn load(path: &Path, profile: &str, overrides: &[(String, toml::Value)]) -> Result<Experiment> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let shown = path.display();
     // The typed check of the whole file: unknown keys and wrong types with line and column.
     let wire: WireExperiment = toml::from_str(&text).map_err(|e| {
-        let msg = e.to_string().lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join(" | ");
+        let msg = e
+            .to_string()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join(" | ");
         anyhow::anyhow!("{shown}: {msg}")
     })?;
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
-    ensure!(wire.name == stem, "{shown}: name `{}` must equal the file stem `{stem}`", wire.name);
-    let mut raw: toml::Value = toml::from_str(&text).with_context(|| format!("{shown}: not TOML"))?;
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
+    ensure!(
+        wire.name == stem,
+        "{shown}: name `{}` must equal the file stem `{stem}`",
+        wire.name
+    );
+    let mut raw: toml::Value =
+        toml::from_str(&text).with_context(|| format!("{shown}: not TOML"))?;
     let profiles = raw.as_table_mut().and_then(|t| t.remove("profile"));
     if let Some(p) = profiles.as_ref().and_then(|p| p.get(profile)) {
-        merge(&mut raw, p);
+        // A profile's [[variant]]s come after the file's; every other key merges over the file.
+        let mut p = p.clone();
+        let extra = p.as_table_mut().and_then(|t| t.remove("variant"));
+        merge(&mut raw, &p);
+        if let (Some(toml::Value::Array(extra)), Some(t)) = (extra, raw.as_table_mut()) {
+            match t
+                .entry("variant")
+                .or_insert_with(|| toml::Value::Array(Vec::new()))
+            {
+                toml::Value::Array(a) => a.extend(extra),
+                other => *other = toml::Value::Array(extra),
+            }
+        }
     } else if profile != "default" {
-        let known: Vec<String> =
-            profiles.as_ref().and_then(|p| p.as_table()).map(|t| t.keys().cloned().collect()).unwrap_or_default();
-        bail!("{shown}: no profile `{profile}`; it has: {}", known.join(", "));
+        let known: Vec<String> = profiles
+            .as_ref()
+            .and_then(|p| p.as_table())
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default();
+        bail!(
+            "{shown}: no profile `{profile}`; it has: {}",
+            known.join(", ")
+        );
     }
     for (k, v) in overrides {
         set_dotted(&mut raw, k, v.clone())?;
     }
     // Re-check after merging, so overrides are held to the same schema.
     let merged_text = toml::to_string(&raw)?;
-    let wire: WireExperiment =
-        toml::from_str(&merged_text).map_err(|e| anyhow::anyhow!("{shown} (profile {profile}, overrides): {e}"))?;
+    let wire: WireExperiment = toml::from_str(&merged_text)
+        .map_err(|e| anyhow::anyhow!("{shown} (profile {profile}, overrides): {e}"))?;
     let table = raw.as_table_mut().context("experiment is not a table")?;
     let variants: Vec<toml::Value> = match table.remove("variant") {
         Some(toml::Value::Array(a)) => a,
@@ -516,24 +639,65 @@ pub fn load(path: &Path, profile: &str, overrides: &[(String, toml::Value)]) -> 
     }
     let sweep = &wire.sweep;
     let model = &wire.model;
-    let ns = if sweep.n_instances.is_empty() { vec![model.n_instances] } else { sweep.n_instances.clone() };
-    let backbones = if sweep.backbone.is_empty() { vec![model.backbone.clone()] } else { sweep.backbone.clone() };
-    let muxes = if sweep.mux.is_empty() { vec![model.mux.kind] } else { sweep.mux.clone() };
-    let demuxes = if sweep.demux.is_empty() { vec![model.demux.kind] } else { sweep.demux.clone() };
-    let warmups = if sweep.warmup.is_empty() { vec![wire.warmup.enabled] } else { sweep.warmup.clone() };
+    let ns = if sweep.n_instances.is_empty() {
+        vec![model.n_instances]
+    } else {
+        sweep.n_instances.clone()
+    };
+    let backbones = if sweep.backbone.is_empty() {
+        vec![model.backbone.clone()]
+    } else {
+        sweep.backbone.clone()
+    };
+    let muxes = if sweep.mux.is_empty() {
+        vec![model.mux.kind]
+    } else {
+        sweep.mux.clone()
+    };
+    let demuxes = if sweep.demux.is_empty() {
+        vec![model.demux.kind]
+    } else {
+        sweep.demux.clone()
+    };
+    let warmups = if sweep.warmup.is_empty() {
+        vec![wire.warmup.enabled]
+    } else {
+        sweep.warmup.clone()
+    };
+    let datasets = if sweep.dataset.is_empty() {
+        vec![wire.data.dataset.clone()]
+    } else {
+        sweep.dataset.clone()
+    };
     let mut runs = Vec::new();
-    for backbone in &backbones {
-        for &mux in &muxes {
-            for &demux in &demuxes {
-                for &n in &ns {
-                    for &warmup in &warmups {
-                        for &seed in &sweep.seeds {
-                            let point = RunPoint { n, backbone: backbone.clone(), mux, demux, seed, warmup };
-                            // B1 / B2 are N = 1 baselines; muxed text always warms up.
-                            if wire.modality == Modality::Text && !warmup && n > 1 {
-                                continue;
+    for dataset in &datasets {
+        for backbone in &backbones {
+            for &mux in &muxes {
+                for &demux in &demuxes {
+                    for &n in &ns {
+                        for &warmup in &warmups {
+                            for &seed in &sweep.seeds {
+                                let point = RunPoint {
+                                    dataset: dataset.clone(),
+                                    n,
+                                    backbone: backbone.clone(),
+                                    mux,
+                                    demux,
+                                    seed,
+                                    warmup,
+                                };
+                                // B1 / B2 are N = 1 baselines; muxed text always warms up.
+                                if wire.modality == Modality::Text && !warmup && n > 1 {
+                                    continue;
+                                }
+                                runs.extend(resolve_run(
+                                    &raw,
+                                    &variants,
+                                    &wire,
+                                    &point,
+                                    &shown.to_string(),
+                                )?);
                             }
-                            runs.push(resolve_run(&raw, &variants, &wire, &point, &shown.to_string())?);
                         }
                     }
                 }
@@ -542,7 +706,11 @@ pub fn load(path: &Path, profile: &str, overrides: &[(String, toml::Value)]) -> 
     }
     let mut ids = std::collections::BTreeSet::new();
     for r in &runs {
-        ensure!(ids.insert(r.run_id()), "{shown}: two runs resolve to the same settings ({})", r.run_id());
+        ensure!(
+            ids.insert(r.run_id()),
+            "{shown}: two runs resolve to the same settings ({})",
+            r.run_id()
+        );
     }
     Ok(Experiment {
         name: wire.name,
@@ -561,31 +729,65 @@ fn resolve_run(
     wire: &WireExperiment,
     p: &RunPoint,
     shown: &str,
-) -> Result<RunConfig> {
+) -> Result<Option<RunConfig>> {
     let mut v = raw.clone();
-    set_dotted(&mut v, "model.n_instances", toml::Value::Integer(p.n as i64))?;
-    set_dotted(&mut v, "model.backbone", toml::Value::String(p.backbone.clone()))?;
-    set_dotted(&mut v, "model.mux.kind", toml::Value::String(p.mux.name().into()))?;
-    set_dotted(&mut v, "model.demux.kind", toml::Value::String(p.demux.name().into()))?;
+    set_dotted(
+        &mut v,
+        "data.dataset",
+        toml::Value::String(p.dataset.clone()),
+    )?;
+    set_dotted(
+        &mut v,
+        "model.n_instances",
+        toml::Value::Integer(p.n as i64),
+    )?;
+    set_dotted(
+        &mut v,
+        "model.backbone",
+        toml::Value::String(p.backbone.clone()),
+    )?;
+    set_dotted(
+        &mut v,
+        "model.mux.kind",
+        toml::Value::String(p.mux.name().into()),
+    )?;
+    set_dotted(
+        &mut v,
+        "model.demux.kind",
+        toml::Value::String(p.demux.name().into()),
+    )?;
     set_dotted(&mut v, "warmup.enabled", toml::Value::Boolean(p.warmup))?;
     // Variants apply in file order; a later one overrides an earlier one.
     for (typed, raw_variant) in wire.variant.iter().zip(variants) {
         if matches(&typed.when, p) {
+            if typed.skip {
+                return Ok(None);
+            }
             merge(&mut v, &variant_table(raw_variant)?);
         }
     }
     let t = v.as_table_mut().context("not a table")?;
     t.insert("experiment".into(), toml::Value::String(wire.name.clone()));
-    t.insert("modality".into(), toml::Value::String(wire.modality.name().into()));
+    t.insert(
+        "modality".into(),
+        toml::Value::String(wire.modality.name().into()),
+    );
     t.insert("seed".into(), toml::Value::Integer(p.seed as i64));
     t.remove("profile");
-    let run: RunConfig = v.try_into().with_context(|| format!("{shown}: run {} n={}", p.backbone, p.n))?;
-    run.validate().with_context(|| format!("{shown}: run {}", run.run_id()))?;
-    Ok(run)
+    let run: RunConfig = v
+        .try_into()
+        .with_context(|| format!("{shown}: run {} n={}", p.backbone, p.n))?;
+    run.validate()
+        .with_context(|| format!("{shown}: run {}", run.run_id()))?;
+    Ok(Some(run))
 }
 
 fn variant_table(v: &toml::Value) -> Result<toml::Value> {
-    let mut t = v.as_table().cloned().context("a [[variant]] must be a table")?;
+    let mut t = v
+        .as_table()
+        .cloned()
+        .context("a [[variant]] must be a table")?;
     t.remove("when");
+    t.remove("skip");
     Ok(toml::Value::Table(t))
 }

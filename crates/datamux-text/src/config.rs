@@ -36,6 +36,10 @@ pub struct Config {
     /// block after muxing, whose LayerNorm removes the scale the keys give the mix (method.md §13,
     /// open point); this makes that a setting.
     pub mux_norm: bool,
+    /// Share of positions whose retrieval target is kept in a training batch (the reference's
+    /// `retrieval_percentage`). The `V`-way softmax over every position dominates a small model's
+    /// step; a fraction trades gradient signal for speed.
+    pub retrieval_fraction: f64,
 }
 
 impl Default for Config {
@@ -50,6 +54,7 @@ impl Default for Config {
             embedding_dropout: 0.1, // RoBERTa's hidden dropout
             embedding_norm: true,
             mux_norm: false,
+            retrieval_fraction: 1.0, // the reference keeps every target
         }
     }
 }
@@ -99,6 +104,12 @@ impl Config {
             return Err(format!(
                 "embedding_dropout must be in [0, 1), got {}",
                 self.embedding_dropout
+            ));
+        }
+        if !(self.retrieval_fraction > 0.0 && self.retrieval_fraction <= 1.0) {
+            return Err(format!(
+                "retrieval_fraction must be in (0, 1], got {}",
+                self.retrieval_fraction
             ));
         }
         let _ = (n, demux); // the prefix takes no position embeddings, so it adds no limit

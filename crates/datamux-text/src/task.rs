@@ -201,6 +201,8 @@ pub struct TextTask {
     pub weights: (f64, f64),
     /// Pad every batch to this length (the speed protocol's fixed 128) instead of its longest.
     pub fixed_len: Option<usize>,
+    /// Share of retrieval targets kept per batch (`retrieval_fraction` of the config).
+    pub retrieval_fraction: f64,
     label_names: Vec<String>,
     pad_id: u32,
     n: usize,
@@ -249,6 +251,7 @@ impl TextTask {
             retrieval,
             weights,
             fixed_len: None,
+            retrieval_fraction: cfg.retrieval_fraction,
             label_names: label_names.to_vec(),
             pad_id: tk.pad_id,
             n: mux.n_instances,
@@ -344,8 +347,15 @@ impl Task for TextTask {
             }
         }
         let real = datamux_core::group::real_mask(slots);
-        let targets =
-            RetrievalTargets::sample(&ids, &pad, &real, (b, n, l), self.net.prefix_len(), rng);
+        let targets = RetrievalTargets::sample(
+            &ids,
+            &pad,
+            &real,
+            (b, n, l),
+            self.net.prefix_len(),
+            self.retrieval_fraction,
+            rng,
+        );
         let pad_u8: Vec<u8> = pad.iter().map(|p| u8::from(*p)).collect();
         Ok(TextBatch {
             input: TextInput {

@@ -121,11 +121,11 @@ impl Frontend for VisionFrontend {
     type Input = ImageInput;
 
     /// `(B, N, C, H, W)` -> `(B, N, L, D)`; images have no padding.
-    fn embed(&self, input: &ImageInput, _train: bool) -> Result<Embedded> {
+    fn embed(&self, input: &ImageInput, train: bool) -> Result<Embedded> {
         let xs = match self {
             Self::Pixels(f) => f.forward(&input.pixels)?,
             Self::Stem(f) => f.forward(&input.pixels)?,
-            Self::Patches(f) => f.forward(&input.pixels)?,
+            Self::Patches(f) => f.forward_t(&input.pixels, train)?,
         };
         Ok(Embedded { xs, pad: None })
     }

@@ -9,7 +9,7 @@ use candle_nn::{Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use datamux_core::encoder;
-use datamux_core::layers;
+use datamux_core::layers::{self, LayerNorm};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -36,11 +36,14 @@ impl Default for Config {
     }
 }
 
-/// Patch and position embeddings; parameter paths `patch`, `positions`.
+/// Patch and position embeddings, then a LayerNorm (CLIP's `ln_pre`), so the embeddings enter the
+/// mux at unit scale like the demultiplexer's prefix rows; parameter paths `patch`, `positions`,
+/// `norm`.
 #[derive(Clone, Debug)]
 pub struct PatchEmbedding {
     patch: Linear,
     positions: Tensor,
+    norm: LayerNorm,
     p: usize,
     d: usize,
 }
@@ -61,6 +64,7 @@ impl PatchEmbedding {
         Ok(Self {
             patch: layers::linear(channels * p * p, d, vb.pp("patch"))?,
             positions: layers::embedding_table(l, d, vb.pp("positions"))?,
+            norm: LayerNorm::new(d, cfg.encoder.layer_norm_eps, vb.pp("norm"))?,
             p,
             d,
         })
@@ -71,7 +75,7 @@ impl PatchEmbedding {
     }
 
     /// `(B, N, C, H, W) -> (B, N, L, D)`.
-    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+    pub fn forward_t(&self, pixels: &Tensor, train: bool) -> Result<Tensor> {
         let (b, n, c, h, w) = pixels.dims5()?;
         let (p, gh, gw) = (self.p, h / self.p, w / self.p);
         // (B·N, C, gh, p, gw, p) -> (B·N, gh, gw, C, p, p) -> (B·N, L, C·p·p)
@@ -81,6 +85,8 @@ impl PatchEmbedding {
             .contiguous()?
             .reshape((b * n, gh * gw, c * p * p))?;
         let xs = patches.apply(&self.patch)?.broadcast_add(&self.positions)?; // (B·N, L, D)
-        xs.reshape((b, n, gh * gw, self.d))
+        self.norm
+            .forward_t(&xs, train)?
+            .reshape((b, n, gh * gw, self.d))
     }
 }

@@ -168,8 +168,15 @@ impl Task for ToyTask {
         }
         let pad: Vec<bool> = ids.iter().map(|t| *t == PAD).collect();
         let real = datamux_core::group::real_mask(slots);
-        let targets =
-            RetrievalTargets::sample(&ids, &pad, &real, (b, n, l), self.net.prefix_len(), rng);
+        let targets = RetrievalTargets::sample(
+            &ids,
+            &pad,
+            &real,
+            (b, n, l),
+            self.net.prefix_len(),
+            1.0,
+            rng,
+        );
         let pad_u8: Vec<u8> = pad.iter().map(|p| u8::from(*p)).collect();
         let dev = Device::Cpu;
         Ok(ToyBatch {

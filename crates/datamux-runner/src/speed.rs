@@ -1,0 +1,149 @@
+//! The speed harness: inference only, a warm-up, then repeated timed passes over the same batch;
+//! median, median absolute deviation, min and max latency, and real instances per second. The
+//! same number of instances is timed at every N. Warm-up and measurement are each bounded by
+//! count and time (house-style §2.7). On CPU every candle op completes before it returns, so the
+//! clock needs no device sync.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use datamux_core::Task;
+use datamux_core::init::rng_for;
+
+use crate::config::SpeedConfig;
+
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub instances: usize,
+    pub warmup_iters: usize,
+    pub latencies_ms: Vec<f64>,
+}
+
+impl Timing {
+    pub fn median(&self) -> f64 {
+        median(&self.latencies_ms)
+    }
+
+    pub fn mad(&self) -> f64 {
+        let m = self.median();
+        median(
+            &self
+                .latencies_ms
+                .iter()
+                .map(|x| (x - m).abs())
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    pub fn min(&self) -> f64 {
+        self.latencies_ms
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    pub fn max(&self) -> f64 {
+        self.latencies_ms
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max)
+    }
+
+    /// Real instances per second at the median latency.
+    pub fn throughput(&self) -> f64 {
+        self.instances as f64 / (self.median() / 1000.0)
+    }
+}
+
+pub fn median(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let k = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[k]
+    } else {
+        (v[k - 1] + v[k]) / 2.0
+    }
+}
+
+/// Time a closure under the config's bounds.
+pub fn time<F: FnMut() -> Result<()>>(
+    cfg: &SpeedConfig,
+    instances: usize,
+    mut f: F,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Timing> {
+    let budget = std::time::Duration::from_secs_f64(cfg.max_seconds);
+    let start = Instant::now();
+    let mut warm = 0;
+    while warm < cfg.warmup_iters && (warm == 0 || start.elapsed() < budget / 4) {
+        f()?;
+        warm += 1;
+    }
+    let start = Instant::now();
+    let mut lat = Vec::with_capacity(cfg.iters);
+    while lat.len() < cfg.iters.max(1) && (lat.is_empty() || start.elapsed() < budget) {
+        let t = Instant::now();
+        f()?;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        progress(lat.len(), cfg.iters);
+    }
+    Ok(Timing {
+        instances,
+        warmup_iters: warm,
+        latencies_ms: lat,
+    })
+}
+
+/// Slots of one timed batch: `batch_instances` rounded up to a multiple of N, filled with real
+/// examples (cycling through the split when it is smaller).
+pub fn batch_slots(len: usize, n: usize, batch_instances: usize) -> Vec<Option<usize>> {
+    let count = batch_instances.div_ceil(n) * n;
+    (0..count).map(|i| Some(i % len.max(1))).collect()
+}
+
+/// Inference throughput of `task` on one batch of `data`.
+pub fn time_inference<T: Task>(
+    task: &T,
+    data: &T::Data,
+    cfg: &SpeedConfig,
+    progress: impl FnMut(usize, usize),
+) -> Result<Timing> {
+    let slots = batch_slots(task.len(data), task.n_instances(), cfg.batch_instances);
+    let batch = task.batch(data, &slots, &mut rng_for(0, "speed"))?;
+    time(
+        cfg,
+        slots.len(),
+        || Ok(task.predict(&batch).map(|_| ())?),
+        progress,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_mad() {
+        let t = Timing {
+            instances: 10,
+            warmup_iters: 0,
+            latencies_ms: vec![3.0, 1.0, 2.0, 10.0],
+        };
+        assert_eq!(t.median(), 2.5);
+        assert_eq!(t.mad(), 1.0);
+        assert_eq!((t.min(), t.max()), (1.0, 10.0));
+        assert_eq!(t.throughput(), 4000.0);
+    }
+
+    #[test]
+    fn same_instances_at_every_n() {
+        for n in [1, 2, 4, 8, 16, 5, 10, 20, 40] {
+            assert_eq!(batch_slots(7, n, 80).len(), 80, "n = {n}");
+        }
+        assert_eq!(batch_slots(7, 3, 80).len(), 81);
+    }
+}

@@ -1,0 +1,464 @@
+//! Running experiments: expand every file into runs, skip the finished ones, train the rest in
+//! worker processes side by side (single-threaded each: faster on a small CPU than one
+//! multi-threaded run, house-style §2.14), then time the speed points one at a time with every
+//! core, and write the tables after each run so an interruption loses at most the runs in flight.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{self, Experiment, RunConfig};
+use crate::results::{self, AccuracyRow, SpeedRow};
+use crate::run::{Job, JobResult, RunEnv, Tick};
+
+/// What `datamux run` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub experiments: Vec<Experiment>,
+    pub out_dir: PathBuf,
+    pub env: RunEnv,
+    /// Training jobs side by side.
+    pub jobs: usize,
+    /// Threads per training job.
+    pub threads: usize,
+    pub speed: bool,
+    pub command: String,
+    /// The `datamux` binary that runs the workers (`datamux worker <spec>`).
+    pub worker_exe: PathBuf,
+}
+
+/// A line a worker writes on stdout.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Message {
+    Tick(Tick),
+    Done(Box<JobResult>),
+}
+
+/// Experiment files under `paths` (files, or folders of `*.toml`), sorted.
+pub fn experiment_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("cannot list {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            files.sort();
+            out.extend(files);
+        } else if p.is_file() {
+            out.push(p.clone());
+        } else {
+            bail!("no experiment file or folder at {}", p.display());
+        }
+    }
+    if out.is_empty() {
+        bail!(
+            "no experiment files (*.toml) in {}",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(out)
+}
+
+pub fn load_experiments(
+    paths: &[PathBuf],
+    profile: &str,
+    overrides: &[(String, toml::Value)],
+) -> Result<Vec<Experiment>> {
+    experiment_files(paths)?
+        .iter()
+        .map(|f| config::load(f, profile, overrides))
+        .collect()
+}
+
+/// Run the worker for one job in a child process and stream its messages.
+fn spawn_worker(
+    exe: &Path,
+    job: &Job,
+    env: &RunEnv,
+    threads: usize,
+    spec_dir: &Path,
+    tx: &mpsc::Sender<(usize, Message)>,
+    slot: usize,
+) -> Result<JobResult> {
+    std::fs::create_dir_all(spec_dir)?;
+    let spec = spec_dir.join(format!(
+        "{}-{}.json",
+        job.run().run_id(),
+        if matches!(job, Job::Speed(_)) {
+            "speed"
+        } else {
+            "train"
+        }
+    ));
+    std::fs::write(&spec, serde_json::to_string(&(job, env))?)?;
+    let mut child = Command::new(exe)
+        .arg("worker")
+        .arg(&spec)
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start a worker process")?;
+    let stderr = child.stderr.take();
+    let err_thread = std::thread::spawn(move || {
+        let mut tail = Vec::new();
+        if let Some(e) = stderr {
+            for line in BufReader::new(e).lines().map_while(Result::ok) {
+                tail.push(line);
+                if tail.len() > 20 {
+                    tail.remove(0);
+                }
+            }
+        }
+        tail
+    });
+    let mut done = None;
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            match serde_json::from_str::<Message>(&line) {
+                Ok(Message::Done(r)) => done = Some(*r),
+                Ok(m) => {
+                    let _ = tx.send((slot, m));
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    let status = child.wait()?;
+    let tail = err_thread.join().unwrap_or_default();
+    match done {
+        Some(r) => Ok(r),
+        None => bail!(
+            "worker exited with {status} before reporting: {}",
+            tail.last().cloned().unwrap_or_default()
+        ),
+    }
+}
+
+/// Tables of one experiment, kept in memory and written after every finished job.
+struct Tables {
+    dir: PathBuf,
+    accuracy: Vec<AccuracyRow>,
+    speed: Vec<SpeedRow>,
+}
+
+impl Tables {
+    fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            accuracy: results::read_table(&dir.join("accuracy.parquet"))?,
+            speed: results::read_table(&dir.join("speed.parquet"))?,
+        })
+    }
+
+    fn add(&mut self, r: JobResult) -> Result<()> {
+        if !r.accuracy.is_empty() {
+            results::upsert(&mut self.accuracy, r.accuracy);
+            results::write_table(&self.dir.join("accuracy.parquet"), &self.accuracy)?;
+        }
+        if !r.speed.is_empty() {
+            results::upsert(&mut self.speed, r.speed);
+            results::write_table(&self.dir.join("speed.parquet"), &self.speed)?;
+        }
+        Ok(())
+    }
+}
+
+/// One speed point per distinct model: the first seed of each (backbone, mux, demux, N).
+fn speed_runs(exp: &Experiment) -> Vec<RunConfig> {
+    let mut seen = BTreeSet::new();
+    exp.runs
+        .iter()
+        .filter(|r| r.speed.enabled)
+        .filter(|r| {
+            let m = &r.model;
+            seen.insert((
+                m.backbone.clone(),
+                m.mux.kind.name(),
+                m.demux.kind.name(),
+                m.n_instances,
+                r.warmup.enabled,
+            ))
+        })
+        .cloned()
+        .collect()
+}
+
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix:>40.dim} {bar:24} {pos:>6}/{len:6} {wide_msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
+/// Run a list of jobs, `jobs` at a time; results are passed to `on_done` as they finish.
+fn run_jobs(
+    list: Vec<(usize, Job)>,
+    plan: &Plan,
+    jobs: usize,
+    threads: usize,
+    title: &str,
+    mut on_done: impl FnMut(usize, &Job, JobResult) -> Result<()>,
+) -> Result<()> {
+    if list.is_empty() {
+        return Ok(());
+    }
+    let mp = MultiProgress::new();
+    let overall = mp.add(ProgressBar::new(list.len() as u64));
+    overall.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>40.bold} {bar:24} {pos:>6}/{len:6} elapsed {elapsed}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    overall.set_prefix(title.to_string());
+    let bars: Vec<ProgressBar> = (0..jobs)
+        .map(|_| {
+            let b = mp.add(ProgressBar::new(1));
+            b.set_style(bar_style());
+            b
+        })
+        .collect();
+    let spec_dir = plan.env.runs_dir.join("specs");
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(
+        list.into_iter().collect::<std::collections::VecDeque<_>>(),
+    ));
+    let (tx, rx) = mpsc::channel::<(usize, Message)>();
+    let (done_tx, done_rx) = mpsc::channel::<(usize, usize, Job, Result<JobResult>)>();
+    let mut handles = Vec::new();
+    for slot in 0..jobs {
+        let queue = queue.clone();
+        let tx = tx.clone();
+        let done_tx = done_tx.clone();
+        let env = plan.env.clone();
+        let spec_dir = spec_dir.clone();
+        let exe = plan.worker_exe.clone();
+        handles.push(std::thread::spawn(move || {
+            loop {
+                let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+                let Some((exp, job)) = next else { break };
+                let _ = tx.send((
+                    slot,
+                    Message::Tick(Tick {
+                        stage: "start".into(),
+                        pos: 0,
+                        len: 1,
+                        msg: job.run().run_id(),
+                    }),
+                ));
+                let r = spawn_worker(&exe, &job, &env, threads, &spec_dir, &tx, slot);
+                let _ = done_tx.send((slot, exp, job, r));
+            }
+        }));
+    }
+    drop(tx);
+    drop(done_tx);
+    let mut names: Vec<String> = vec![String::new(); jobs];
+    let mut failures = Vec::new();
+    loop {
+        while let Ok((slot, Message::Tick(t))) = rx.try_recv() {
+            let b = &bars[slot];
+            if t.stage == "start" {
+                names[slot] = t.msg.clone();
+                b.set_prefix(short(&t.msg));
+                b.reset();
+                continue;
+            }
+            b.set_length(t.len as u64);
+            b.set_position(t.pos as u64);
+            b.set_message(format!("{} {}", t.stage, t.msg));
+        }
+        match done_rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            Ok((slot, exp, job, r)) => {
+                let r = r.unwrap_or_else(|e| {
+                    failures.push(format!("{}: {e:#}", job.run().run_id()));
+                    crate::run::failed_result(&job, &plan.env, &e)
+                });
+                for row in &r.accuracy {
+                    if row.id.status != "ok" {
+                        mp.println(format!(
+                            "{} {}: {}",
+                            row.id.status, row.id.run_id, row.id.error
+                        ))
+                        .ok();
+                    }
+                }
+                for row in &r.speed {
+                    if row.id.status != "ok" {
+                        mp.println(format!(
+                            "speed {} {}: {}",
+                            row.id.status, row.id.run_id, row.id.error
+                        ))
+                        .ok();
+                    }
+                }
+                on_done(exp, &job, r)?;
+                bars[slot].set_message("");
+                overall.inc(1);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    overall.finish();
+    for b in bars {
+        b.finish_and_clear();
+    }
+    Ok(())
+}
+
+fn short(run_id: &str) -> String {
+    let n = run_id.chars().count();
+    if n > 40 {
+        run_id.chars().skip(n - 40).collect()
+    } else {
+        run_id.to_string()
+    }
+}
+
+/// Run every experiment of the plan; returns whether every row is ok and every expectation met.
+pub fn run(plan: &Plan) -> Result<bool> {
+    let mut tables = Vec::new();
+    let mut train_list = Vec::new();
+    let mut speed_list = Vec::new();
+    for (i, exp) in plan.experiments.iter().enumerate() {
+        let dir = plan.out_dir.join(&exp.name);
+        let t = Tables::open(&dir)?;
+        write_resolved(&dir, exp)?;
+        std::fs::write(
+            dir.join("env.txt"),
+            crate::provenance::env_txt(&plan.command),
+        )?;
+        let done = results::finished(&t.accuracy);
+        let done_speed = results::finished(&t.speed);
+        for r in &exp.runs {
+            if !done.contains(&r.run_id()) {
+                train_list.push((i, Job::Train(r.clone())));
+            }
+        }
+        if plan.speed {
+            for r in speed_runs(exp) {
+                if !done_speed.contains(&r.run_id()) {
+                    speed_list.push((i, Job::Speed(r)));
+                }
+            }
+        }
+        tables.push(t);
+    }
+    let total: usize = plan.experiments.iter().map(|e| e.runs.len()).sum();
+    eprintln!(
+        "{} experiment(s), {total} run(s): {} to train, {} already finished; {} speed point(s) to time",
+        plan.experiments.len(),
+        train_list.len(),
+        total - train_list.len(),
+        speed_list.len()
+    );
+    run_jobs(
+        train_list,
+        plan,
+        plan.jobs,
+        plan.threads,
+        "training runs",
+        |exp, _, r| tables[exp].add(r),
+    )?;
+    // Timing runs alone, with every core: nothing else may run beside a measurement.
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    run_jobs(speed_list, plan, 1, cores, "speed points", |exp, _, r| {
+        tables[exp].add(r)
+    })?;
+    let mut ok = true;
+    for (exp, t) in plan.experiments.iter().zip(&tables) {
+        let ids: BTreeSet<String> = exp.runs.iter().map(RunConfig::run_id).collect();
+        let failed: Vec<&AccuracyRow> = t
+            .accuracy
+            .iter()
+            .filter(|r| ids.contains(&r.id.run_id) && r.id.status != "ok")
+            .collect();
+        for r in &failed {
+            eprintln!(
+                "{}: {} {}: {}",
+                exp.name, r.id.status, r.id.run_id, r.id.error
+            );
+        }
+        ok &= failed.iter().all(|r| r.id.status == "unavailable");
+        for miss in check_expectations(exp, &t.accuracy) {
+            eprintln!("{}: expectation missed: {miss}", exp.name);
+            ok = false;
+        }
+    }
+    Ok(ok)
+}
+
+/// The expectations of an experiment that its rows do not meet.
+pub fn check_expectations(exp: &Experiment, rows: &[AccuracyRow]) -> Vec<String> {
+    let ids: BTreeSet<String> = exp.runs.iter().map(RunConfig::run_id).collect();
+    let mut misses = Vec::new();
+    for e in &exp.expect {
+        let hits: Vec<&AccuracyRow> = rows
+            .iter()
+            .filter(|r| ids.contains(&r.id.run_id) && r.id.status == "ok")
+            .filter(|r| r.split == e.split && r.metric == e.metric)
+            .filter(|r| e.n_instances.is_none_or(|n| r.id.n_instances == n as i64))
+            .filter(|r| e.backbone.as_ref().is_none_or(|b| &r.id.backbone == b))
+            .filter(|r| e.mux.is_none_or(|m| r.id.mux == m.name()))
+            .filter(|r| e.demux.is_none_or(|d| r.id.demux == d.name()))
+            .collect();
+        let what = format!(
+            "{} {} >= {} (backbone {}, N {})",
+            e.split,
+            e.metric,
+            e.min,
+            e.backbone.as_deref().unwrap_or("any"),
+            e.n_instances.map_or("any".into(), |n| n.to_string())
+        );
+        if hits.is_empty() {
+            // A run that could not get its data is reported as unavailable, not as a miss.
+            continue;
+        }
+        for r in hits {
+            if r.value.is_nan() || r.value < e.min {
+                misses.push(format!("{what}: {} has {:.4}", r.id.run_id, r.value));
+            }
+        }
+    }
+    misses
+}
+
+fn write_resolved(dir: &Path, exp: &Experiment) -> Result<()> {
+    let mut runs = BTreeMap::new();
+    for r in &exp.runs {
+        runs.insert(r.run_id(), toml::Value::try_from(r)?);
+    }
+    let mut doc = toml::Table::new();
+    doc.insert("experiment".into(), exp.name.clone().into());
+    doc.insert("profile".into(), exp.profile.clone().into());
+    doc.insert("source".into(), exp.path.display().to_string().into());
+    doc.insert(
+        "runs".into(),
+        toml::Value::Table(runs.into_iter().collect()),
+    );
+    let text = format!(
+        "# generated by `datamux run`: every run's resolved settings, by run_id\n{}",
+        toml::to_string(&doc)?
+    );
+    let tmp = dir.join("resolved.toml.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, dir.join("resolved.toml"))?;
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! Experiment files: every committed file validates at every profile, and mistakes fail at parse
+//! time with the file, the line and the numbers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use datamux_runner::config::{self, Modality};
+
+fn experiments_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const BASE: &str = r#"
+name = "t"
+modality = "vision"
+[data]
+dataset = "mnist"
+[model]
+backbone = "lenet"
+mux = { kind = "identity" }
+demux = { kind = "mlp" }
+[train]
+steps = 10
+batch_size = 12
+[sweep]
+n_instances = [1, 2, 3]
+"#;
+
+#[test]
+fn every_committed_experiment_validates_at_every_profile() {
+    let files = datamux_runner::sweep::experiment_files(&[experiments_dir()]).unwrap();
+    assert!(files.len() >= 2);
+    for f in &files {
+        for profile in ["quick", "standard", "paper", "smoke"] {
+            let e = config::load(f, profile, &[])
+                .unwrap_or_else(|e| panic!("{}: {profile}: {e:#}", f.display()));
+            assert!(
+                !e.runs.is_empty(),
+                "{} has no runs at {profile}",
+                f.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_misspelt_key_fails_with_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "t", &BASE.replace("steps = 10", "stpes = 10"));
+    let e = format!(
+        "{:#}",
+        config::load(&p, "default", &[]).expect_err("typo accepted")
+    );
+    assert!(
+        e.contains("t.toml") && e.contains("stpes") && e.contains("line 11"),
+        "{e}"
+    );
+    // Also inside a variant and a profile.
+    let text = format!(
+        "{BASE}\n[[variant]]\nwhen = {{ n_instances = [2] }}\nmodel = {{ cnn = {{ chanels = [4] }} }}\n"
+    );
+    let e = format!(
+        "{:#}",
+        config::load(&write(dir.path(), "t", &text), "default", &[]).expect_err("typo accepted")
+    );
+    assert!(e.contains("chanels"), "{e}");
+    let text = format!("{BASE}\n[profile.quick]\ntrain = {{ lr_warmup = 3 }}\n");
+    let e = format!(
+        "{:#}",
+        config::load(&write(dir.path(), "t", &text), "quick", &[]).expect_err("typo accepted")
+    );
+    assert!(e.contains("lr_warmup"), "{e}");
+}
+
+#[test]
+fn overrides_are_checked_like_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "t", BASE);
+    let ok = config::load(
+        &p,
+        "default",
+        &[config::parse_override("train.steps=7").unwrap()],
+    )
+    .unwrap();
+    assert!(ok.runs.iter().all(|r| r.train.steps == 7));
+    let bad = config::parse_override("train.step=7").unwrap();
+    let e = format!(
+        "{:#}",
+        config::load(&p, "default", &[bad]).expect_err("misspelt override accepted")
+    );
+    assert!(e.contains("step"), "{e}");
+}
+
+#[test]
+fn cross_field_errors_name_the_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "t",
+        &BASE.replace("batch_size = 12", "batch_size = 10"),
+    );
+    let e = format!(
+        "{:#}",
+        config::load(&p, "default", &[]).expect_err("10 % 3 accepted")
+    );
+    assert!(
+        e.contains("batch_size 10") && e.contains("n_instances 3"),
+        "{e}"
+    );
+    let p = write(
+        dir.path(),
+        "t",
+        &BASE
+            .replace(
+                "backbone = \"lenet\"",
+                "backbone = \"vit\"\nvit = { patch_size = 5 }",
+            )
+            .replace("demux = { kind = \"mlp\" }", "demux = { kind = \"index\" }"),
+    );
+    let e = format!(
+        "{:#}",
+        config::load(&p, "default", &[]).expect_err("patch 5 of 28 accepted")
+    );
+    assert!(e.contains("patch size 5") && e.contains("28"), "{e}");
+    let p = write(
+        dir.path(),
+        "t",
+        &BASE.replace("demux = { kind = \"mlp\" }", "demux = { kind = \"index\" }"),
+    );
+    let e = format!(
+        "{:#}",
+        config::load(&p, "default", &[]).expect_err("index demux on a CNN accepted")
+    );
+    assert!(
+        e.contains("index demultiplexer needs a sequence backbone"),
+        "{e}"
+    );
+    let p = write(dir.path(), "t", &BASE.replace("\"mnist\"", "\"imagenet\""));
+    let e = format!(
+        "{:#}",
+        config::load(&p, "default", &[]).expect_err("unknown dataset accepted")
+    );
+    assert!(e.contains("unknown dataset `imagenet`"), "{e}");
+    let p = write(
+        dir.path(),
+        "t",
+        &BASE.replace("\"mnist\"", "\"rt-snippets\""),
+    );
+    let e = format!(
+        "{:#}",
+        config::load(&p, "default", &[]).expect_err("text data in a vision run accepted")
+    );
+    assert!(e.contains("text_classification"), "{e}");
+    let p = write(dir.path(), "other", BASE);
+    let e = format!(
+        "{:#}",
+        config::load(&p, "default", &[]).expect_err("name/stem mismatch accepted")
+    );
+    assert!(e.contains("file stem `other`"), "{e}");
+}
+
+#[test]
+fn sweeps_variants_and_skips_expand_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{BASE}\n[[variant]]\nwhen = {{ n_instances = [3] }}\ntrain = {{ lr = 0.5 }}\n[[variant]]\nwhen = {{ n_instances = [2] }}\nskip = true\n"
+    );
+    let e = config::load(&write(dir.path(), "t", &text), "default", &[]).unwrap();
+    assert_eq!(e.modality, Modality::Vision);
+    let ns: Vec<usize> = e.runs.iter().map(|r| r.model.n_instances).collect();
+    assert_eq!(ns, [1, 3]);
+    assert_eq!(e.runs[1].train.lr, 0.5);
+    assert_ne!(e.runs[0].train.lr, 0.5);
+    // Run ids are stable and differ with the settings.
+    let again = config::load(&write(dir.path(), "t", &text), "default", &[]).unwrap();
+    assert_eq!(e.runs[0].run_id(), again.runs[0].run_id());
+    assert_ne!(e.runs[0].run_id(), e.runs[1].run_id());
+}
