@@ -170,7 +170,20 @@ impl<F: Frontend, B: Backbone> MuxNet<F, B> {
 
     /// Embed, prefix, mux, mask and run the backbone.
     pub fn encode(&self, input: &F::Input, train: bool) -> Result<Encoded> {
-        let Embedded { xs, pad } = self.frontend.embed(input, train)?;
+        let embedded = self.frontend.embed(input, train)?;
+        let (muxed, pad) = self.mux_input(embedded)?;
+        let hidden = self.backbone.forward_t(&muxed, pad.as_ref(), train)?;
+        Ok(Encoded {
+            hidden,
+            prefix_len: self.prefix_len(),
+            pad,
+        })
+    }
+
+    /// Prefix, mux and mask: `(B, N, L, D)` embeddings -> `(B, P+L, D)` and the `(B, P+L)`
+    /// key-padding mask. Public so that the stages can be timed one by one.
+    pub fn mux_input(&self, embedded: Embedded) -> Result<(Tensor, Option<Tensor>)> {
+        let Embedded { xs, pad } = embedded;
         let (b, n, _l, d) = xs.dims4()?;
         if n != self.n {
             candle_core::bail!(
@@ -203,12 +216,7 @@ impl<F: Frontend, B: Backbone> MuxNet<F, B> {
             }
             None => None,
         };
-        let hidden = self.backbone.forward_t(&muxed, pad.as_ref(), train)?;
-        Ok(Encoded {
-            hidden,
-            prefix_len: p,
-            pad,
-        })
+        Ok((muxed, pad))
     }
 
     /// `(B, P+L, D) -> (B, N, L', D)` for the positions the head needs.

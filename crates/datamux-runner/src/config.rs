@@ -611,7 +611,9 @@ pub fn load(path: &Path, profile: &str, overrides: &[(String, toml::Value)]) -> 
                 other => *other = toml::Value::Array(extra),
             }
         }
-    } else if profile != "default" {
+    } else if !["default", "quick", "standard", "paper", "smoke"].contains(&profile) {
+        // The standard profiles may be absent (the file's own settings apply); any other
+        // name must exist, so a misspelt --profile fails.
         let known: Vec<String> = profiles
             .as_ref()
             .and_then(|p| p.as_table())

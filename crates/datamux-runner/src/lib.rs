@@ -2,6 +2,7 @@
 //! harness, the Parquet tables and the report. The binary (`main.rs`) is a thin clap layer over
 //! this library, which the integration tests drive directly.
 
+pub mod bench;
 pub mod config;
 pub mod eval;
 pub mod provenance;

@@ -88,6 +88,29 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         rows: usize,
     },
+    /// Inference throughput of the sentence MuxNet (small, base; L = 128) and the MNIST ViT
+    /// for every N, with a per-stage breakdown and a training step; rows into <out>/bench/.
+    Bench {
+        /// Sizes of the text model: small, base.
+        #[arg(long, value_delimiter = ',', default_value = "small,base")]
+        sizes: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "1,2,5,10,20,40")]
+        n: Vec<usize>,
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Instances per timed pass, the same at every N.
+        #[arg(long, default_value_t = 240)]
+        batch_instances: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        #[arg(long, default_value_t = 30522)]
+        vocab: usize,
+        /// Skip the MNIST ViT.
+        #[arg(long)]
+        no_vit: bool,
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+    },
     /// Internal: run one job from a spec file and stream JSON lines (used by `run`).
     #[command(hide = true)]
     Worker { spec: PathBuf },
@@ -215,6 +238,49 @@ fn real_main() -> Result<bool> {
                     e.profile
                 );
             }
+            Ok(true)
+        }
+        Cmd::Bench {
+            sizes,
+            n,
+            seq_len,
+            batch_instances,
+            iters,
+            vocab,
+            no_vit,
+            out,
+        } => {
+            let sizes = sizes
+                .iter()
+                .map(|s| match s.as_str() {
+                    "tiny" => Ok(datamux_text::Size::Tiny),
+                    "small" => Ok(datamux_text::Size::Small),
+                    "base" => Ok(datamux_text::Size::Base),
+                    other => anyhow::bail!("unknown size `{other}`; expected tiny, small or base"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            anyhow::ensure!(n.iter().all(|n| *n >= 1), "every N must be at least 1");
+            let cfg = datamux_runner::bench::BenchConfig {
+                sizes,
+                ns: n,
+                seq_len,
+                vocab,
+                timing: config::SpeedConfig {
+                    batch_instances,
+                    warmup_iters: 1,
+                    iters,
+                    max_seconds: 120.0,
+                    enabled: true,
+                },
+                vit: !no_vit,
+                train_step: true,
+                out: out.clone(),
+            };
+            datamux_runner::bench::run(&cfg)?;
+            report::write_reports(
+                &out.join("bench"),
+                &format!("datamux report {}", out.join("bench").display()),
+            )?;
             Ok(true)
         }
         Cmd::Report { root } => {

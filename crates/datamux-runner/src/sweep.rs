@@ -266,8 +266,13 @@ fn run_jobs(
     drop(done_tx);
     let mut names: Vec<String> = vec![String::new(); jobs];
     let mut failures = Vec::new();
+    // Without a terminal the bars are hidden; validation lines keep a log readable instead.
+    let log_lines = !std::io::IsTerminal::is_terminal(&std::io::stderr());
     loop {
         while let Ok((slot, Message::Tick(t))) = rx.try_recv() {
+            if log_lines && t.msg.contains(" val ") {
+                eprintln!("{} {} {}/{} {}", names[slot], t.stage, t.pos, t.len, t.msg);
+            }
             let b = &bars[slot];
             if t.stage == "start" {
                 names[slot] = t.msg.clone();
@@ -335,6 +340,8 @@ pub fn run(plan: &Plan) -> Result<bool> {
     let mut tables = Vec::new();
     let mut train_list = Vec::new();
     let mut speed_list = Vec::new();
+    // Runs whose data could not be had are tried again (cheap), in case it can be had now.
+    let mut retry = 0;
     for (i, exp) in plan.experiments.iter().enumerate() {
         let dir = plan.out_dir.join(&exp.name);
         let t = Tables::open(&dir)?;
@@ -345,8 +352,18 @@ pub fn run(plan: &Plan) -> Result<bool> {
         )?;
         let done = results::finished(&t.accuracy);
         let done_speed = results::finished(&t.speed);
+        let unavailable: BTreeSet<&str> = t
+            .accuracy
+            .iter()
+            .filter(|r| r.id.status == "unavailable")
+            .map(|r| r.id.run_id.as_str())
+            .collect();
         for r in &exp.runs {
-            if !done.contains(&r.run_id()) {
+            let id = r.run_id();
+            if unavailable.contains(id.as_str()) {
+                retry += 1;
+            }
+            if !done.contains(&id) {
                 train_list.push((i, Job::Train(r.clone())));
             }
         }
@@ -361,9 +378,9 @@ pub fn run(plan: &Plan) -> Result<bool> {
     }
     let total: usize = plan.experiments.iter().map(|e| e.runs.len()).sum();
     eprintln!(
-        "{} experiment(s), {total} run(s): {} to train, {} already finished; {} speed point(s) to time",
+        "{} experiment(s), {total} run(s): {} to train, {} already finished, {retry} unavailable before (looked up again); {} speed point(s) to time",
         plan.experiments.len(),
-        train_list.len(),
+        train_list.len() - retry,
         total - train_list.len(),
         speed_list.len()
     );

@@ -217,7 +217,8 @@ impl TextTask {
         mux: &model::Config,
         head: HeadKind,
         label_names: &[String],
-        tk: &TextTokenizer,
+        vocab: usize,
+        pad_id: u32,
         weights: (f64, f64),
         map: &SeededVarMap,
         device: &Device,
@@ -227,7 +228,7 @@ impl TextTask {
             .map_err(candle_core::Error::Msg)?;
         let vb = map.var_builder(DType::F32, device);
         let d = enc.hidden_size;
-        let v = tk.vocab_size();
+        let v = vocab;
         let frontend = TextFrontend::new(
             v,
             cfg.max_length,
@@ -253,10 +254,18 @@ impl TextTask {
             fixed_len: None,
             retrieval_fraction: cfg.retrieval_fraction,
             label_names: label_names.to_vec(),
-            pad_id: tk.pad_id,
+            pad_id,
             n: mux.n_instances,
             device: device.clone(),
         })
+    }
+
+    /// The head alone on demultiplexed `(B, N, L', D)`: `(B·N, C)` or `(B·N, L, C)`.
+    pub fn head_logits(&self, z: &Tensor) -> Result<Tensor> {
+        match &self.head {
+            Head::Sentence(h) => h.forward(z),
+            Head::Token(h) => h.forward(z),
+        }
     }
 
     /// Task logits: `(B·N, C)` for sentences, `(B·N, L, C)` for tokens.
