@@ -519,6 +519,17 @@ pub fn merge(base: &mut toml::Value, over: &toml::Value) {
     }
 }
 
+/// A variant matching every run, carrying the run settings of `table` (its sweep and expectations
+/// apply to the experiment as a whole, not to runs).
+fn catch_all(table: &toml::Value) -> toml::Value {
+    let mut t = table.as_table().cloned().unwrap_or_default();
+    for k in ["sweep", "expect", "variant", "name", "analysis", "modality"] {
+        t.remove(k);
+    }
+    t.insert("when".into(), toml::Value::Table(toml::Table::new()));
+    toml::Value::Table(t)
+}
+
 /// Set a dotted key (`train.steps`) in a table, creating intermediate tables.
 fn set_dotted(root: &mut toml::Value, key: &str, value: toml::Value) -> Result<()> {
     let mut cur = root;
@@ -597,19 +608,17 @@ pub fn load(path: &Path, profile: &str, overrides: &[(String, toml::Value)]) -> 
     let mut raw: toml::Value =
         toml::from_str(&text).with_context(|| format!("{shown}: not TOML"))?;
     let profiles = raw.as_table_mut().and_then(|t| t.remove("profile"));
+    // Precedence, lowest first: the file, its [[variant]]s, the profile, the profile's own
+    // [[variant]]s, the --set overrides. The profile and the overrides become catch-all variants
+    // after the file's, and are also merged over the file so that they can change the sweep.
+    let mut late: Vec<toml::Value> = Vec::new();
     if let Some(p) = profiles.as_ref().and_then(|p| p.get(profile)) {
-        // A profile's [[variant]]s come after the file's; every other key merges over the file.
         let mut p = p.clone();
         let extra = p.as_table_mut().and_then(|t| t.remove("variant"));
         merge(&mut raw, &p);
-        if let (Some(toml::Value::Array(extra)), Some(t)) = (extra, raw.as_table_mut()) {
-            match t
-                .entry("variant")
-                .or_insert_with(|| toml::Value::Array(Vec::new()))
-            {
-                toml::Value::Array(a) => a.extend(extra),
-                other => *other = toml::Value::Array(extra),
-            }
+        late.push(catch_all(&p));
+        if let Some(toml::Value::Array(extra)) = extra {
+            late.extend(extra);
         }
     } else if !["default", "quick", "standard", "paper", "smoke"].contains(&profile) {
         // The standard profiles may be absent (the file's own settings apply); any other
@@ -624,8 +633,20 @@ pub fn load(path: &Path, profile: &str, overrides: &[(String, toml::Value)]) -> 
             known.join(", ")
         );
     }
+    let mut set = toml::Value::Table(toml::Table::new());
     for (k, v) in overrides {
         set_dotted(&mut raw, k, v.clone())?;
+        set_dotted(&mut set, k, v.clone())?;
+    }
+    late.push(catch_all(&set));
+    if let Some(t) = raw.as_table_mut() {
+        match t
+            .entry("variant")
+            .or_insert_with(|| toml::Value::Array(Vec::new()))
+        {
+            toml::Value::Array(a) => a.extend(late),
+            other => bail!("{shown}: `variant` must be an array of tables, not {other}"),
+        }
     }
     // Re-check after merging, so overrides are held to the same schema.
     let merged_text = toml::to_string(&raw)?;

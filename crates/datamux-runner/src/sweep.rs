@@ -177,6 +177,17 @@ impl Tables {
     }
 }
 
+/// A rough cost of a run for scheduling: muxed rows processed over all steps.
+fn job_cost(r: &RunConfig) -> usize {
+    let n = r.model.n_instances.max(1);
+    let warm = if r.modality == config::Modality::Text && r.warmup.enabled {
+        r.warmup.steps * r.warmup.batch_size / n
+    } else {
+        0
+    };
+    r.train.steps * r.train.batch_size / n + warm
+}
+
 /// One speed point per distinct model: the first seed of each (backbone, mux, demux, N).
 fn speed_runs(exp: &Experiment) -> Vec<RunConfig> {
     let mut seen = BTreeSet::new();
@@ -384,6 +395,8 @@ pub fn run(plan: &Plan) -> Result<bool> {
         total - train_list.len(),
         speed_list.len()
     );
+    // Longest first, so side-by-side workers finish together: cost ~ rows x steps.
+    train_list.sort_by_key(|(_, job)| std::cmp::Reverse(job_cost(job.run())));
     run_jobs(
         train_list,
         plan,

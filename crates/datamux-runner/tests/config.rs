@@ -182,3 +182,23 @@ fn sweeps_variants_and_skips_expand_as_written() {
     assert_eq!(e.runs[0].run_id(), again.runs[0].run_id());
     assert_ne!(e.runs[0].run_id(), e.runs[1].run_id());
 }
+
+#[test]
+fn profiles_override_file_variants_and_set_overrides_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{BASE}\n[[variant]]\nwhen = {{ backbone = [\"lenet\"] }}\ntrain = {{ steps = 1000 }}\n[profile.smoke]\ntrain = {{ steps = 20 }}\n[[profile.smoke.variant]]\nwhen = {{ n_instances = [3] }}\ntrain = {{ steps = 30 }}\n"
+    );
+    let p = write(dir.path(), "t", &text);
+    let steps = |e: &config::Experiment| e.runs.iter().map(|r| r.train.steps).collect::<Vec<_>>();
+    assert_eq!(
+        steps(&config::load(&p, "quick", &[]).unwrap()),
+        [1000, 1000, 1000]
+    );
+    assert_eq!(
+        steps(&config::load(&p, "smoke", &[]).unwrap()),
+        [20, 20, 30]
+    );
+    let set = [config::parse_override("train.steps=7").unwrap()];
+    assert_eq!(steps(&config::load(&p, "smoke", &set).unwrap()), [7, 7, 7]);
+}
