@@ -75,6 +75,39 @@ impl TrainStream {
     }
 }
 
+/// Batches of examples of similar length, for sequence tasks padded to the longest of a batch:
+/// a pool of `pool` batches is drawn from a [`TrainStream`], sorted by length, cut into batches,
+/// and the batches are served in a shuffled order. Every example is still seen once per epoch;
+/// instances muxed together have similar lengths, which cuts the padding a step computes.
+pub struct BucketedStream {
+    inner: TrainStream,
+    pool: usize,
+    ready: Vec<Vec<Option<usize>>>,
+    rng: ChaCha8Rng,
+}
+
+impl BucketedStream {
+    pub fn new(inner: TrainStream, pool: usize, rng: ChaCha8Rng) -> Self {
+        Self {
+            inner,
+            pool: pool.max(1),
+            ready: Vec::new(),
+            rng,
+        }
+    }
+
+    /// The next `count` examples; `len(i)` is the length of example `i`.
+    pub fn next_batch(&mut self, count: usize, len: impl Fn(usize) -> usize) -> Vec<Option<usize>> {
+        if self.ready.is_empty() {
+            let mut pool = self.inner.next_batch(count * self.pool);
+            pool.sort_by_key(|s| s.map_or(0, &len));
+            self.ready = pool.chunks(count).map(<[_]>::to_vec).collect();
+            self.ready.shuffle(&mut self.rng);
+        }
+        self.ready.pop().unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,6 +122,24 @@ mod tests {
         assert_eq!(batches.len(), 2);
         assert_eq!(batches[1], [Some(6), None, None]);
         assert_eq!(real_mask(batches[1]), [true, false, false]);
+    }
+
+    #[test]
+    fn buckets_group_similar_lengths_and_cover_the_pool() {
+        let lens: Vec<usize> = (0..40).map(|i| (i * 7) % 40).collect();
+        let mut s = BucketedStream::new(TrainStream::new(40, rng_for(0, "a")), 10, rng_for(0, "b"));
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            let b: Vec<usize> = s.next_batch(4, |i| lens[i]).into_iter().flatten().collect();
+            let (lo, hi) = (
+                b.iter().map(|i| lens[*i]).min(),
+                b.iter().map(|i| lens[*i]).max(),
+            );
+            assert!(hi.zip(lo).is_some_and(|(h, l)| h - l <= 3), "{b:?}");
+            seen.extend(b);
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..40).collect::<Vec<_>>());
     }
 
     #[test]

@@ -192,15 +192,18 @@ impl<F: Frontend, B: Backbone> MuxNet<F, B> {
             );
         }
         let p = self.prefix_len();
-        let xs = match &self.prefix {
+        let muxed = self.mux.forward(&xs)?; // (B, L, D)
+        let muxed = match &self.prefix {
             Some(prefix) => {
-                // (N, P, D) -> (B, N, P, D), then [prefix ; xs] along positions: (B, N, P+L, D).
-                let pre = prefix.tensor()?.unsqueeze(0)?.broadcast_as((b, n, p, d))?;
-                Tensor::cat(&[&pre, &xs], 2)?
+                // Every mux is position-wise, so mux([prefix ; xs]) = [mux(prefix) ; mux(xs)], and
+                // the prefix is the same for every row: mux it once, (1, N, P, D) -> (1, P, D),
+                // and broadcast, instead of materialising (B, N, P+L, D).
+                let pre = self.mux.forward(&prefix.tensor()?.unsqueeze(0)?)?; // (1, P, D)
+                let pre = pre.broadcast_as((b, p, d))?;
+                Tensor::cat(&[&pre, &muxed], 1)? // (B, P+L, D)
             }
-            None => xs,
+            None => muxed,
         };
-        let muxed = self.mux.forward(&xs)?; // (B, P+L, D)
         let pad = match pad {
             Some(pad) => {
                 // A muxed position is padding only if it is padding in every instance: the min

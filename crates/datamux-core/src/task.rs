@@ -127,6 +127,11 @@ pub trait Task {
     fn n_instances(&self) -> usize;
     /// Examples in a split.
     fn len(&self, data: &Self::Data) -> usize;
+    /// The length of example `i`, for batching examples of similar length together; tasks whose
+    /// examples all cost the same keep the default.
+    fn example_len(&self, _data: &Self::Data, _i: usize) -> usize {
+        0
+    }
     /// Build a batch from group slots (`B·N` entries, `None` = dummy instance). `rng` draws
     /// anything random about the batch (retrieval slots).
     fn batch(

@@ -150,3 +150,36 @@ fn index_prefix_slot_i_of_instance_i_holds_its_marker() -> Result<()> {
     }
     Ok(())
 }
+
+/// The prefix is muxed once and broadcast; the result must equal muxing `[prefix ; xs]` row by
+/// row, the definition.
+#[test]
+fn muxing_the_prefix_once_equals_muxing_every_row() -> Result<()> {
+    let sizes = Sizes::tiny();
+    let n = 3;
+    let data = toy_data(6, &sizes, 4);
+    for mux in MuxKind::ALL {
+        for demux in DemuxKind::ALL {
+            let map = SeededVarMap::new(3);
+            let task = toy_task(&map, &sizes, &config(n, mux, demux), (1.0, 0.0))?;
+            let slots: Vec<_> = (0..6).map(Some).collect();
+            let batch = task.batch(&data, &slots, &mut datamux_core::init::rng_for(0, "r"))?;
+            let emb = datamux_core::Frontend::embed(&task.net.frontend, &batch.input, false)?;
+            let (b, _, _, d) = emb.xs.dims4()?;
+            let prefix = task
+                .net
+                .prefix()
+                .expect("sequence backbones have a prefix")
+                .tensor()?;
+            let p = prefix.dim(1)?;
+            let pre = prefix.unsqueeze(0)?.broadcast_as((b, n, p, d))?;
+            let want = task
+                .net
+                .multiplexer()
+                .forward(&Tensor::cat(&[&pre, &emb.xs], 2)?)?;
+            let (got, _) = task.net.mux_input(emb)?;
+            assert!(max_abs_diff(&got, &want)? < 1e-5, "{mux:?} {demux:?}");
+        }
+    }
+    Ok(())
+}

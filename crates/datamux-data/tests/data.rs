@@ -236,6 +236,22 @@ fn bad_files_give_errors_naming_column_row_and_path() {
         .to_string();
     assert!(e.contains("has no rows"), "{e}");
 
+    // Bytes that are not UTF-8 can only be stored as binary; a text column must be a string.
+    let bytes = Series::new("text".into(), [&[0xffu8, 0xfe, 0x41][..], &b"ok"[..]]).into_column();
+    write(
+        tmp.path(),
+        "bad",
+        "train.parquet",
+        vec![bytes, label(&[0, 1])],
+    );
+    let e = read::load(&text_cat, &r, "bad", "train")
+        .expect_err("binary text")
+        .to_string();
+    assert!(
+        e.contains("column `text`") && e.contains("expected string"),
+        "{e}"
+    );
+
     std::fs::write(tmp.path().join("bad/train.parquet"), b"text,label\nx,1\n").unwrap();
     let e = read::load(&text_cat, &r, "bad", "train")
         .expect_err("csv under a parquet name")

@@ -277,6 +277,45 @@ fn score_rows(
         .collect()
 }
 
+/// Score the selected checkpoint on every example of the validation and test splits.
+fn final_rows<T: Task>(
+    task: &T,
+    run: &RunConfig,
+    id: &Identity,
+    splits: [(&str, &T::Data); 2],
+    out: &train::Outcome,
+    report: Report<'_>,
+) -> Result<Vec<AccuracyRow>> {
+    let mut rows = Vec::new();
+    for (name, data) in splits {
+        let score = evaluate(
+            task,
+            data,
+            None,
+            run.train.eval_rows,
+            run.seed,
+            |pos, len| {
+                report(Tick {
+                    stage: format!("eval {name}"),
+                    pos,
+                    len,
+                    msg: String::new(),
+                })
+            },
+        )?;
+        rows.extend(score_rows(
+            id,
+            name,
+            &score,
+            out.steps,
+            out.best_step,
+            out.seconds,
+            "",
+        ));
+    }
+    Ok(rows)
+}
+
 fn checkpoint_dir(env: &RunEnv, run: &RunConfig) -> PathBuf {
     env.runs_dir.join(&run.experiment).join(run.run_id())
 }
@@ -364,34 +403,14 @@ fn vision_train(
         })
     })?;
     save_checkpoint(&checkpoint_dir(env, run), &map, &task.net.buffers(), run)?;
-    let mut rows = Vec::new();
-    for (name, data) in [("validation", &valid), (s.test.split.as_str(), &test)] {
-        let score = evaluate(
-            &task,
-            data,
-            None,
-            run.train.eval_rows,
-            run.seed,
-            |pos, len| {
-                report(Tick {
-                    stage: format!("eval {name}"),
-                    pos,
-                    len,
-                    msg: String::new(),
-                })
-            },
-        )?;
-        rows.extend(score_rows(
-            id,
-            name,
-            &score,
-            out.steps,
-            out.best_step,
-            out.seconds,
-            "",
-        ));
-    }
-    Ok(rows)
+    final_rows(
+        &task,
+        run,
+        id,
+        [("validation", &valid), (s.test.split.as_str(), &test)],
+        &out,
+        report,
+    )
 }
 
 /// The tokenizer of a run: loaded from `model.text.tokenizer`, or trained on the training text
@@ -702,32 +721,14 @@ fn text_train(
         },
     )?;
     save_checkpoint(&checkpoint_dir(env, run), &map, &task.net.buffers(), run)?;
-    for (name, data) in [("validation", &valid), (s.test.split.as_str(), &test)] {
-        let score = evaluate(
-            &task,
-            data,
-            None,
-            run.train.eval_rows,
-            run.seed,
-            |pos, len| {
-                report(Tick {
-                    stage: format!("eval {name}"),
-                    pos,
-                    len,
-                    msg: String::new(),
-                })
-            },
-        )?;
-        rows.extend(score_rows(
-            id,
-            name,
-            &score,
-            out.steps,
-            out.best_step,
-            out.seconds,
-            "",
-        ));
-    }
+    rows.extend(final_rows(
+        &task,
+        run,
+        id,
+        [("validation", &valid), (s.test.split.as_str(), &test)],
+        &out,
+        report,
+    )?);
     Ok(rows)
 }
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use datamux_core::group::TrainStream;
+use datamux_core::group::{BucketedStream, TrainStream};
 use datamux_core::init::rng_for;
 use datamux_core::{SeededVarMap, Task};
 
@@ -115,9 +115,15 @@ pub fn train<T: Task>(
         ..ParamsAdamW::default()
     };
     let mut opt = AdamW::new(vars.clone(), params)?;
-    let mut stream = TrainStream::new(
+    let shuffle = TrainStream::new(
         task.len(train),
         rng_for(s.seed, &format!("{}.shuffle", s.stage)),
+    );
+    // Pools of 50 batches sorted by length: text steps pad to the longest in a batch.
+    let mut stream = BucketedStream::new(
+        shuffle,
+        50,
+        rng_for(s.seed, &format!("{}.buckets", s.stage)),
     );
     let mut rng = rng_for(s.seed, &format!("{}.batch", s.stage));
     let start = Instant::now();
@@ -126,7 +132,8 @@ pub fn train<T: Task>(
     let mut smooth = None::<f64>;
     for step in 0..s.steps {
         opt.set_learning_rate(s.lr_at(step));
-        let batch = task.batch(train, &stream.next_batch(s.batch_size), &mut rng)?;
+        let slots = stream.next_batch(s.batch_size, |i| task.example_len(train, i));
+        let batch = task.batch(train, &slots, &mut rng)?;
         let losses = task.loss(&batch, true)?;
         let loss = f64::from(losses.total.to_scalar::<f32>()?);
         anyhow::ensure!(

@@ -313,6 +313,10 @@ impl Task for TextTask {
         data.len()
     }
 
+    fn example_len(&self, data: &TextData, i: usize) -> usize {
+        data.ids(i).len()
+    }
+
     /// Dummy slots are all padding: they add nothing to the mix and carry no labels.
     fn batch(
         &self,
