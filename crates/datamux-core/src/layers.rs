@@ -6,8 +6,14 @@
 //! (house-style §2.14). [`LayerNorm::forward_t`] composes the layer norm from primitives when
 //! training and uses the fused kernel only at inference.
 
+use std::cell::RefCell;
+
 use candle_core::{D, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::init::rng_for;
 
 /// Standard deviation of the normal initialisation of BERT/RoBERTa (`initializer_range`).
 pub const INIT_RANGE: f64 = 0.02;
@@ -83,14 +89,33 @@ pub fn embedding_table(rows: usize, d: usize, vb: VarBuilder<'_>) -> Result<Tens
     )
 }
 
-/// Inverted dropout when training with `p > 0`, the identity otherwise. Uses candle's (unseeded)
-/// RNG, which is why determinism tests run with dropout 0 (house-style §2.9).
+thread_local! {
+    /// The dropout mask stream of this thread; [`seed_dropout`] resets it at the start of a run.
+    static DROPOUT_RNG: RefCell<ChaCha8Rng> = RefCell::new(rng_for(0, "dropout"));
+}
+
+/// Reset this thread's dropout stream to the one named by (seed, `name`), so a training run draws
+/// the same masks whatever ran before it on the thread. The training loop calls it per stage.
+pub fn seed_dropout(seed: u64, name: &str) {
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = rng_for(seed, name));
+}
+
+/// Inverted dropout when training with `p > 0`, the identity otherwise. The mask comes from this
+/// thread's ChaCha stream ([`seed_dropout`]), not from candle's CPU RNG, which cannot be seeded:
+/// same seed, same masks, same run.
 pub fn dropout(xs: &Tensor, p: f64, train: bool) -> Result<Tensor> {
-    if train && p > 0.0 {
-        candle_nn::ops::dropout(xs, p as f32)
-    } else {
-        Ok(xs.clone())
+    if !(train && p > 0.0) {
+        return Ok(xs.clone());
     }
+    let (p, scale) = (p as f32, (1.0 / (1.0 - p)) as f32);
+    let mask: Vec<f32> = DROPOUT_RNG.with(|r| {
+        let mut rng = r.borrow_mut();
+        (0..xs.elem_count())
+            .map(|_| if rng.random::<f32>() < p { 0.0 } else { scale })
+            .collect()
+    });
+    let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+    xs * mask
 }
 
 /// Softmax over the last dimension: the fused kernel at inference, the differentiable composite
@@ -107,6 +132,27 @@ pub fn softmax_last(xs: &Tensor, train: bool) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    #[test]
+    fn dropout_masks_follow_the_seed() -> Result<()> {
+        let xs = Tensor::ones((5, 37), DType::F32, &Device::Cpu)?;
+        let draw = |seed| -> Result<Vec<f32>> {
+            seed_dropout(seed, "t");
+            dropout(&xs, 0.3, true)?.flatten_all()?.to_vec1()
+        };
+        let (a, b, c) = (draw(1)?, draw(1)?, draw(2)?);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        // Inverted dropout: kept entries are scaled by 1 / (1 - p), about 30 % are zero.
+        assert!(a.iter().all(|v| *v == 0.0 || (v - 1.0 / 0.7).abs() < 1e-6));
+        let zeros = a.iter().filter(|v| **v == 0.0).count();
+        assert!((30..=80).contains(&zeros), "{zeros} of 185 dropped");
+        assert_eq!(
+            dropout(&xs, 0.3, false)?.sum_all()?.to_scalar::<f32>()?,
+            185.0
+        );
+        Ok(())
+    }
 
     #[test]
     fn trainable_and_fused_layer_norm_agree() -> Result<()> {

@@ -126,6 +126,7 @@ pub fn train<T: Task>(
         rng_for(s.seed, &format!("{}.buckets", s.stage)),
     );
     let mut rng = rng_for(s.seed, &format!("{}.batch", s.stage));
+    datamux_core::layers::seed_dropout(s.seed, &format!("{}.dropout", s.stage));
     let start = Instant::now();
     let mut best: Option<(f64, usize, HashMap<String, Tensor>)> = None;
     let mut last_loss = f64::NAN;
