@@ -215,6 +215,8 @@ pub struct Expect {
     pub backbone: Option<String>,
     pub mux: Option<MuxKind>,
     pub demux: Option<DemuxKind>,
+    /// Only runs with (true: B2 and every N > 1) or without (false: B1) the retrieval warm-up.
+    pub warmup: Option<bool>,
     pub split: String,
     pub metric: String,
     pub min: f64,
@@ -227,6 +229,7 @@ impl Default for Expect {
             backbone: None,
             mux: None,
             demux: None,
+            warmup: None,
             split: "test".into(),
             metric: "accuracy".into(),
             min: 0.0,

@@ -448,14 +448,16 @@ pub fn check_expectations(exp: &Experiment, rows: &[AccuracyRow]) -> Vec<String>
             .filter(|r| e.backbone.as_ref().is_none_or(|b| &r.id.backbone == b))
             .filter(|r| e.mux.is_none_or(|m| r.id.mux == m.name()))
             .filter(|r| e.demux.is_none_or(|d| r.id.demux == d.name()))
+            .filter(|r| e.warmup.is_none_or(|w| r.id.warmup == w))
             .collect();
         let what = format!(
-            "{} {} >= {} (backbone {}, N {})",
+            "{} {} >= {} (backbone {}, N {}, warm-up {})",
             e.split,
             e.metric,
             e.min,
             e.backbone.as_deref().unwrap_or("any"),
-            e.n_instances.map_or("any".into(), |n| n.to_string())
+            e.n_instances.map_or("any".into(), |n| n.to_string()),
+            e.warmup.map_or("any".into(), |w| w.to_string())
         );
         if hits.is_empty() {
             // A run that could not get its data is reported as unavailable, not as a miss.

@@ -202,3 +202,44 @@ fn profiles_override_file_variants_and_set_overrides_everything() {
     let set = [config::parse_override("train.steps=7").unwrap()];
     assert_eq!(steps(&config::load(&p, "smoke", &set).unwrap()), [7, 7, 7]);
 }
+
+#[test]
+fn expectations_filter_on_the_warm_up() {
+    let e = config::load(&experiments_dir().join("text-sentence.toml"), "quick", &[]).unwrap();
+    let row = |warm: bool, value: f64| {
+        let run = e
+            .runs
+            .iter()
+            .find(|r| {
+                r.run_id()
+                    .starts_with("rt-snippets-transformer-gaussian_hadamard-index-n1-")
+                    && r.run_id().contains("nowarm") != warm
+            })
+            .unwrap();
+        datamux_runner::results::AccuracyRow {
+            id: datamux_runner::results::Identity {
+                run_id: run.run_id(),
+                backbone: "transformer".into(),
+                mux: "gaussian_hadamard".into(),
+                demux: "index".into(),
+                n_instances: 1,
+                warmup: warm,
+                status: "ok".into(),
+                ..Default::default()
+            },
+            split: "test".into(),
+            metric: "accuracy".into(),
+            value,
+            n_examples: 7,
+            steps: 1,
+            best_step: 1,
+            train_seconds: 0.0,
+        }
+    };
+    // The N = 1 target is for B2 (warm-up): a low B1 is not a miss, a low B2 is.
+    let check = |rows: &[_]| datamux_runner::sweep::check_expectations(&e, rows);
+    assert!(check(&[row(true, 0.75), row(false, 0.60)]).is_empty());
+    let misses = check(&[row(true, 0.60), row(false, 0.75)]);
+    assert_eq!(misses.len(), 1, "{misses:?}");
+    assert!(misses[0].contains("warm-up true"), "{misses:?}");
+}
