@@ -292,8 +292,8 @@ impl Demux {
             Inner::Index { dense, norm } => {
                 let (w_prefix, w_pos) = split_halves(dense.weight(), d)?;
                 let p = encoded.narrow(1, 0, n)?; // (B, N, D): prefix slot i after the encoder
-                let a = p.broadcast_matmul(&w_prefix.t()?)?; // (B, N, D)
-                let c = hs.broadcast_matmul(&w_pos.t()?)?; // (B, L', D)
+                let a = rows_matmul(&p, &w_prefix)?; // (B, N, D)
+                let c = rows_matmul(&hs, &w_pos)?; // (B, L', D)
                 let c = broadcast_bias(&c, dense.bias())?;
                 // (B, N, 1, D) + (B, 1, L', D) -> (B, N, L', D)
                 let z = a
@@ -329,7 +329,7 @@ impl Demux {
             } => {
                 let (w_key, w_pos) = split_halves(dense1.weight(), d)?;
                 let a = keys.matmul(&w_key.t()?)?.reshape((1, n, 1, d))?; // (1, N, 1, D)
-                let c = broadcast_bias(&hs.broadcast_matmul(&w_pos.t()?)?, dense1.bias())?; // (B, L', D)
+                let c = broadcast_bias(&rows_matmul(&hs, &w_pos)?, dense1.bias())?; // (B, L', D)
                 let z = a.broadcast_add(&c.unsqueeze(1)?)?.gelu_erf()?; // (B, N, L', D)
                 let z = z.apply(dense2)?;
                 norm.forward_t(&z, train)
@@ -405,6 +405,15 @@ fn prefix_table(rows: usize, d: usize, vb: VarBuilder<'_>) -> Result<Tensor> {
 }
 
 /// A `(D, 2D)` weight of a layer on `[a ; b]` split into the halves acting on `a` and on `b`.
+/// `(B, K, Din) x (Dout, Din)ᵀ -> (B, K, Dout)` as one 2-D matmul over the B·K rows.
+/// `broadcast_matmul` would copy the weight B times and run B small products: at the base size
+/// with 120 rows that made the index demux ~0.5 s of a pass (docs/performance.md).
+fn rows_matmul(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (b, k, din) = xs.dims3()?;
+    let ys = xs.contiguous()?.reshape((b * k, din))?.matmul(&w.t()?)?; // (B·K, Dout)
+    ys.reshape((b, k, ())) // (B, K, Dout)
+}
+
 fn split_halves(w: &Tensor, d: usize) -> Result<(Tensor, Tensor)> {
     Ok((w.narrow(1, 0, d)?, w.narrow(1, d, d)?))
 }
@@ -415,4 +424,25 @@ fn require_bias(bias: Option<&Tensor>) -> Result<&Tensor> {
 
 fn broadcast_bias(xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     xs.broadcast_add(require_bias(bias)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn rows_matmul_agrees_with_broadcast_matmul() -> Result<()> {
+        let dev = Device::Cpu;
+        // A narrowed (non-contiguous) input and a narrowed weight, as in the index demux.
+        let enc = Tensor::randn(0f32, 1.0, (3, 7, 5), &dev)?;
+        let xs = enc.narrow(1, 1, 4)?; // (3, 4, 5)
+        let w = Tensor::randn(0f32, 1.0, (6, 10), &dev)?.narrow(1, 5, 5)?; // (6, 5)
+        let want = xs.broadcast_matmul(&w.t()?)?;
+        let got = rows_matmul(&xs, &w)?;
+        assert_eq!(got.dims(), &[3, 4, 6]);
+        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
 }

@@ -192,10 +192,10 @@ impl Multiplexer {
         }
         let keys = self.effective_keys()?;
         match (self.kind, keys) {
-            (MuxKind::Identity, _) | (_, None) => xs.mean(1),
+            (MuxKind::Identity, _) | (_, None) => slot_mean(xs),
             (MuxKind::GaussianHadamard | MuxKind::BinaryHadamard, Some(k)) => {
                 // keys (N, D) -> (1, N, 1, D), broadcast over rows and positions.
-                xs.broadcast_mul(&k.reshape((1, n, 1, d))?)?.mean(1)
+                slot_mean(&xs.broadcast_mul(&k.reshape((1, n, 1, d))?)?)
             }
             (MuxKind::RandomOrtho, Some(w)) => {
                 // Σᵢ Wᵢ xᵢ as one matmul: [x₁ … x_N] (B·L, N·D) times [W₁ᵀ; …; W_Nᵀ] (N·D, D).
@@ -211,6 +211,19 @@ impl Multiplexer {
             }
         }
     }
+}
+
+/// Mean over the slot axis, `(B, N, L, D) -> (B, L, D)`, as one batched matmul with a row of 1/N:
+/// candle's reduction over a non-last axis took ~22 ms where this takes ~2 ms (B·N = 120, L = 128,
+/// D = 256, 2 threads), and at high N the mux is a large share of a pass (docs/performance.md).
+pub fn slot_mean(xs: &Tensor) -> Result<Tensor> {
+    let (b, n, l, d) = xs.dims4()?;
+    if n == 1 {
+        return xs.reshape((b, l, d));
+    }
+    let w = (Tensor::ones((b, 1, n), xs.dtype(), xs.device())? / n as f64)?; // (B, 1, N)
+    let flat = xs.contiguous()?.reshape((b, n, l * d))?; // (B, N, L·D)
+    w.matmul(&flat)?.reshape((b, l, d)) // (B, 1, L·D) -> (B, L, D)
 }
 
 /// `(N, D, D) -> (N·D, D)`: row block `i` is `Wᵢᵀ`.

@@ -183,3 +183,21 @@ fn muxing_the_prefix_once_equals_muxing_every_row() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn slot_mean_is_the_mean_over_slots() -> Result<()> {
+    let dev = Device::Cpu;
+    for n in [1, 3] {
+        let xs = Tensor::randn(0f32, 1.0, (2, n, 5, 7), &dev)?;
+        // A non-contiguous input too: the mux may receive a transposed view.
+        let xt = Tensor::randn(0f32, 1.0, (2, n, 7, 5), &dev)?.transpose(2, 3)?;
+        for x in [&xs, &xt] {
+            let diff = (mux::slot_mean(x)? - x.mean(1)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "N = {n}: {diff}");
+        }
+    }
+    Ok(())
+}
