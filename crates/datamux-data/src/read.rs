@@ -279,7 +279,7 @@ impl Ctx<'_> {
     }
 }
 
-fn role<'a>(name: &'a Option<String>) -> &'a str {
+fn role(name: &Option<String>) -> &str {
     name.as_deref().unwrap_or_default()
 }
 

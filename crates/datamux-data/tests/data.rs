@@ -1,6 +1,6 @@
 //! The catalogue's two data paths (local mirror, hf-hub cache) on the committed fixtures, and
 //! every error a user can trip over.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 
@@ -44,7 +44,7 @@ fn local_mirror_reads_every_kind() -> Result<(), DataError> {
         panic!("not text")
     };
     assert_eq!((texts.len(), pairs.is_none()), (100, true));
-    assert!(labels.iter().any(|l| *l == 0) && labels.iter().any(|l| *l == 1));
+    assert!(labels.contains(&0) && labels.contains(&1));
     let wnut = read::load(&cat, &r, "wnut16", "test")?;
     assert_eq!(wnut.label_names.len(), 21);
     assert_eq!(wnut.label_names[3], "B-facility");

@@ -2,7 +2,7 @@
 //! an image and a text experiment, the Parquet schemas, the report, resumption (nothing
 //! recomputed, an interrupted run completed with no row lost or duplicated), and the one-line
 //! errors of the command line. Offline: HF_HUB_OFFLINE=1, so hub datasets are `unavailable`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -154,7 +154,7 @@ fn smoke_profile_end_to_end_with_resume() {
     let after: Vec<AccuracyRow> =
         results::read_table(&dir.join("results/mnist/accuracy.parquet")).unwrap();
     assert_eq!(key_counts(&after), key_counts(&mnist));
-    assert_eq!(before.len() > 0, true);
+    assert!(!before.is_empty());
 
     // An interrupted sweep: kill it after its first finished run, run again, lose nothing.
     let out = "results-killed";
