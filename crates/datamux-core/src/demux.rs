@@ -404,7 +404,6 @@ fn prefix_table(rows: usize, d: usize, vb: VarBuilder<'_>) -> Result<Tensor> {
     )
 }
 
-/// A `(D, 2D)` weight of a layer on `[a ; b]` split into the halves acting on `a` and on `b`.
 /// `(B, K, Din) x (Dout, Din)ᵀ -> (B, K, Dout)` as one 2-D matmul over the B·K rows.
 /// `broadcast_matmul` would copy the weight B times and run B small products: at the base size
 /// with 120 rows that made the index demux ~0.5 s of a pass (docs/performance.md).
@@ -414,6 +413,7 @@ fn rows_matmul(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
     ys.reshape((b, k, ())) // (B, K, Dout)
 }
 
+/// A `(D, 2D)` weight of a layer on `[a ; b]` split into the halves acting on `a` and on `b`.
 fn split_halves(w: &Tensor, d: usize) -> Result<(Tensor, Tensor)> {
     Ok((w.narrow(1, 0, d)?, w.narrow(1, d, d)?))
 }

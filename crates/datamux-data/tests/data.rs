@@ -1,6 +1,6 @@
 //! The catalogue's two data paths (local mirror, hf-hub cache) on the committed fixtures, and
 //! every error a user can trip over.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,6 @@
 //! Experiment files: every committed file validates at every profile, and mistakes fail at parse
 //! time with the file, the line and the numbers.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 

@@ -2,7 +2,7 @@
 //! an image and a text experiment, the Parquet schemas, the report, resumption (nothing
 //! recomputed, an interrupted run completed with no row lost or duplicated), and the one-line
 //! errors of the command line. Offline: HF_HUB_OFFLINE=1, so hub datasets are `unavailable`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
