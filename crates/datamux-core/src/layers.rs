@@ -33,6 +33,11 @@ impl LayerNorm {
         Ok(Self { weight, bias, eps })
     }
 
+    /// Scale `(D)`, shift `(D)` and epsilon, for kernels that fuse the norm with other work.
+    pub fn params(&self) -> (&Tensor, &Tensor, f64) {
+        (&self.weight, &self.bias, self.eps)
+    }
+
     /// `(.., D) -> (.., D)`.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         if train {

@@ -32,6 +32,14 @@ pub trait Frontend {
     fn embed(&self, input: &Self::Input, train: bool) -> Result<Embedded>;
     /// `D` of the embeddings.
     fn hidden_size(&self) -> usize;
+    /// Embed and multiplex in one pass at inference, for a mux that is per-slot scales
+    /// (`scales` `(N, D)`, [`Multiplexer::slot_scales`]): xs `(B, L, D)` =
+    /// `Σᵢ scales[i] ⊙ embed(input).xs[:, i]` and pad `(B, N, L)`, without materialising
+    /// `(B, N, L, D)`. `None`, the default, where the frontend has no such path; [`MuxNet`]
+    /// then embeds and muxes in two steps.
+    fn embed_muxed(&self, _input: &Self::Input, _scales: &Tensor) -> Result<Option<Embedded>> {
+        Ok(None)
+    }
 }
 
 /// The shared trunk that runs once per muxed row.
@@ -170,8 +178,7 @@ impl<F: Frontend, B: Backbone> MuxNet<F, B> {
 
     /// Embed, prefix, mux, mask and run the backbone.
     pub fn encode(&self, input: &F::Input, train: bool) -> Result<Encoded> {
-        let embedded = self.frontend.embed(input, train)?;
-        let (muxed, pad) = self.mux_input(embedded)?;
+        let (muxed, pad) = self.embed_and_mux(input, train)?;
         let hidden = self.backbone.forward_t(&muxed, pad.as_ref(), train)?;
         Ok(Encoded {
             hidden,
@@ -180,19 +187,47 @@ impl<F: Frontend, B: Backbone> MuxNet<F, B> {
         })
     }
 
+    /// The backbone's input: `(B, P+L, D)` and the `(B, P+L)` key-padding mask. At inference,
+    /// where the mux is per-slot scales and the frontend can, in one pass that never holds
+    /// `(B, N, L, D)` ([`Frontend::embed_muxed`]); otherwise [`Frontend::embed`], then
+    /// [`Self::mux_input`]. Training always takes the two-step path, whose ops carry gradients.
+    pub fn embed_and_mux(&self, input: &F::Input, train: bool) -> Result<(Tensor, Option<Tensor>)> {
+        if !train {
+            if let Some(scales) = self.mux.slot_scales()? {
+                if let Some(Embedded { xs, pad }) = self.frontend.embed_muxed(input, &scales)? {
+                    let n = pad.as_ref().map_or(Ok(self.n), |p| p.dim(1))?;
+                    if n != self.n {
+                        candle_core::bail!(
+                            "frontend gave N = {n}, the model multiplexes N = {}",
+                            self.n
+                        );
+                    }
+                    return self.add_prefix(xs, pad);
+                }
+            }
+        }
+        self.mux_input(self.frontend.embed(input, train)?)
+    }
+
     /// Prefix, mux and mask: `(B, N, L, D)` embeddings -> `(B, P+L, D)` and the `(B, P+L)`
     /// key-padding mask. Public so that the stages can be timed one by one.
     pub fn mux_input(&self, embedded: Embedded) -> Result<(Tensor, Option<Tensor>)> {
         let Embedded { xs, pad } = embedded;
-        let (b, n, _l, d) = xs.dims4()?;
+        let (_b, n, _l, _d) = xs.dims4()?;
         if n != self.n {
             candle_core::bail!(
                 "frontend gave N = {n}, the model multiplexes N = {}",
                 self.n
             );
         }
-        let p = self.prefix_len();
         let muxed = self.mux.forward(&xs)?; // (B, L, D)
+        self.add_prefix(muxed, pad)
+    }
+
+    /// Muxed `(B, L, D)` and per-instance pad `(B, N, L)` -> `(B, P+L, D)` and `(B, P+L)`.
+    fn add_prefix(&self, muxed: Tensor, pad: Option<Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, _l, d) = muxed.dims3()?;
+        let p = self.prefix_len();
         let muxed = match &self.prefix {
             Some(prefix) => {
                 // Every mux is position-wise, so mux([prefix ; xs]) = [mux(prefix) ; mux(xs)], and

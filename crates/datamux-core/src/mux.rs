@@ -133,6 +133,7 @@ pub struct Multiplexer {
     /// Fixed orthogonal keys pre-arranged as `[W₁ᵀ; …; W_Nᵀ]`, `(N·D, D)`, so inference does not
     /// transpose `N·D²` values on every call.
     stacked: Option<Tensor>,
+    dev: Device,
 }
 
 impl Multiplexer {
@@ -154,6 +155,7 @@ impl Multiplexer {
             keys,
             delta,
             stacked,
+            dev: vb.device().clone(),
         })
     }
 
@@ -176,6 +178,21 @@ impl Multiplexer {
             (Some(k), Some(dk)) => Ok(Some((k + dk)?)),
             (Some(k), None) => Ok(Some(k.clone())),
             _ => Ok(None),
+        }
+    }
+
+    /// The mux as per-slot scales `(N, D)` where it is one, `forward(xs) = Σᵢ sᵢ ⊙ xs[:, i]`: the
+    /// keys divided by N for the Hadamard kinds, 1/N for identity; `None` for `random_ortho`,
+    /// which mixes features. A frontend can then embed and mux in one pass
+    /// ([`crate::model::Frontend::embed_muxed`]).
+    pub fn slot_scales(&self) -> Result<Option<Tensor>> {
+        let inv_n = 1.0 / self.n as f64;
+        match (self.kind, self.effective_keys()?) {
+            (MuxKind::RandomOrtho, _) => Ok(None),
+            (_, Some(k)) => Ok(Some((k * inv_n)?)),
+            (_, None) => Ok(Some(
+                (Tensor::ones((self.n, self.d), candle_core::DType::F32, &self.dev)? * inv_n)?,
+            )),
         }
     }
 

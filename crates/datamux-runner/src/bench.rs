@@ -11,7 +11,8 @@ use candle_core::Device;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use datamux_core::demux::Positions;
 use datamux_core::init::{randn_vec, rng_for};
-use datamux_core::model::{self, Frontend};
+use candle_core::Tensor;
+use datamux_core::model::{self, Frontend, MuxNet};
 use datamux_core::{Backbone, DemuxKind, MuxKind, SeededVarMap, Task};
 use datamux_text::Size;
 use datamux_text::task::{HeadKind, SentenceData, TextData, TextTask};
@@ -30,10 +31,17 @@ pub struct BenchConfig {
     pub ns: Vec<usize>,
     pub seq_len: usize,
     pub vocab: usize,
+    /// Text: instances per pass and muxed rows per forward call.
     pub timing: SpeedConfig,
+    /// The MNIST ViT's pass: more rows per call, as its rows are 16 patches long.
+    pub vit_timing: SpeedConfig,
+    /// Instances in the timed training step (one call).
+    pub train_instances: usize,
     pub vit: bool,
     pub train_step: bool,
     pub out: PathBuf,
+    /// The command line, for `env.txt`.
+    pub command: String,
 }
 
 fn size_name(s: Size) -> &'static str {
@@ -115,6 +123,86 @@ struct Point {
     train_ms: Option<f64>,
 }
 
+/// Time the stages of one pass, each alone on inputs computed outside the clock, looping over
+/// the pass's forward calls as the full pass does: `frontend` (embedding and mux as the model
+/// runs them, fused at inference where it can), then the two-step path's `embedding` and `mux`
+/// for comparison, `encoder`, `demux` (the summary slot) and `head`.
+fn time_stages<F: Frontend, B: Backbone>(
+    net: &MuxNet<F, B>,
+    inputs: &[&F::Input],
+    head: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    cfg: &SpeedConfig,
+    instances: usize,
+    mut record: impl FnMut(&'static str, &Timing),
+) -> Result<Vec<(&'static str, f64)>> {
+    let cfg = SpeedConfig {
+        warmup_iters: 1,
+        ..cfg.clone()
+    };
+    let mut stages = Vec::new();
+    let mut stage = |name: &'static str, f: &mut dyn FnMut() -> candle_core::Result<()>| {
+        let t = speed::time(&cfg, instances, || Ok(f()?), |_, _| {})?;
+        record(name, &t);
+        stages.push((name, t.median()));
+        anyhow::Ok(())
+    };
+    stage("frontend", &mut || {
+        for x in inputs {
+            net.embed_and_mux(x, false)?;
+        }
+        Ok(())
+    })?;
+    stage("embedding", &mut || {
+        for x in inputs {
+            net.frontend.embed(x, false)?;
+        }
+        Ok(())
+    })?;
+    let embedded = inputs
+        .iter()
+        .map(|x| net.frontend.embed(x, false))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    stage("mux", &mut || {
+        for e in &embedded {
+            net.mux_input(e.clone())?;
+        }
+        Ok(())
+    })?;
+    drop(embedded);
+    let muxed = inputs
+        .iter()
+        .map(|x| net.embed_and_mux(x, false))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    stage("encoder", &mut || {
+        for (xs, pad) in &muxed {
+            net.backbone.forward_t(xs, pad.as_ref(), false)?;
+        }
+        Ok(())
+    })?;
+    drop(muxed);
+    let encoded = inputs
+        .iter()
+        .map(|x| net.encode(x, false))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    stage("demux", &mut || {
+        for enc in &encoded {
+            net.demux(enc, Positions::Summary, false)?;
+        }
+        Ok(())
+    })?;
+    let zs = encoded
+        .iter()
+        .map(|enc| net.demux(enc, Positions::Summary, false))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    stage("head", &mut || {
+        for z in &zs {
+            head(z)?;
+        }
+        Ok(())
+    })?;
+    Ok(stages)
+}
+
 fn text_point(size: Size, n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>) -> Result<Point> {
     let mut text = datamux_text::Config {
         size,
@@ -142,70 +230,30 @@ fn text_point(size: Size, n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>)
         &Device::Cpu,
     )?;
     task.fixed_len = Some(cfg.seq_len);
-    let data = synthetic_text(cfg.timing.batch_instances.max(n), cfg.seq_len, cfg.vocab);
+    let t = &cfg.timing;
+    let count = t.batch_instances.max(n).max(cfg.train_instances);
+    let data = synthetic_text(count, cfg.seq_len, cfg.vocab);
     let id = identity("transformer", size_name(size), n, "index");
-    let full = speed::time_inference(&task, &data, &cfg.timing, |_, _| {})?;
+    let full = speed::time_inference(&task, &data, t, |_, _| {})?;
     rows.push(row(&id, "inference", cfg.seq_len, &full));
-    // Stages, each timed alone on inputs computed outside the clock.
-    let slots = batch_slots(data.len(), n, cfg.timing.batch_instances);
-    let batch = task.batch(&data, &slots, &mut rng_for(0, "speed"))?;
-    let net = &task.net;
-    let stage_cfg = SpeedConfig {
-        warmup_iters: 1,
-        ..cfg.timing.clone()
-    };
-    let mut stages = Vec::new();
-    let t = speed::time(
-        &stage_cfg,
-        slots.len(),
-        || Ok(net.frontend.embed(&batch.input, false).map(|_| ())?),
-        |_, _| {},
+    let calls = speed::pass_calls(data.len(), n, t.batch_instances, t.rows_per_call);
+    let batches = calls
+        .iter()
+        .map(|slots| task.batch(&data, slots, &mut rng_for(0, "speed")))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let inputs: Vec<_> = batches.iter().map(|b| &b.input).collect();
+    let stages = time_stages(
+        &task.net,
+        &inputs,
+        |z| task.head_logits(z),
+        t,
+        full.instances,
+        |name, timing| rows.push(row(&id, &format!("stage:{name}"), cfg.seq_len, timing)),
     )?;
-    stages.push(("embedding", t.median()));
-    rows.push(row(&id, "stage:embedding", cfg.seq_len, &t));
-    let emb = net.frontend.embed(&batch.input, false)?;
-    let t = speed::time(
-        &stage_cfg,
-        slots.len(),
-        || Ok(net.mux_input(emb.clone()).map(|_| ())?),
-        |_, _| {},
-    )?;
-    stages.push(("mux", t.median()));
-    rows.push(row(&id, "stage:mux", cfg.seq_len, &t));
-    let (muxed, pad) = net.mux_input(emb)?;
-    let t = speed::time(
-        &stage_cfg,
-        slots.len(),
-        || {
-            Ok(net
-                .backbone
-                .forward_t(&muxed, pad.as_ref(), false)
-                .map(|_| ())?)
-        },
-        |_, _| {},
-    )?;
-    stages.push(("encoder", t.median()));
-    rows.push(row(&id, "stage:encoder", cfg.seq_len, &t));
-    let enc = net.encode(&batch.input, false)?;
-    let t = speed::time(
-        &stage_cfg,
-        slots.len(),
-        || Ok(net.demux(&enc, Positions::Summary, false).map(|_| ())?),
-        |_, _| {},
-    )?;
-    stages.push(("demux", t.median()));
-    rows.push(row(&id, "stage:demux", cfg.seq_len, &t));
-    let z = net.demux(&enc, Positions::Summary, false)?;
-    let t = speed::time(
-        &stage_cfg,
-        slots.len(),
-        || Ok(task.head_logits(&z).map(|_| ())?),
-        |_, _| {},
-    )?;
-    stages.push(("head", t.median()));
-    rows.push(row(&id, "stage:head", cfg.seq_len, &t));
+    drop(batches);
     let train_ms = if cfg.train_step && size == Size::Small {
-        // One optimizer step with the fine-tuning losses (0.9, 0.1): forward, backward, AdamW.
+        // One optimizer step with the fine-tuning losses (0.9, 0.1): forward, backward, AdamW,
+        // on `train_instances` instances (one call: B = train_instances / N rows).
         let map = SeededVarMap::new(0);
         let mut train = TextTask::new(
             &text,
@@ -227,15 +275,20 @@ fn text_point(size: Size, n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>)
                 ..Default::default()
             },
         )?;
+        let slots = batch_slots(data.len(), n, cfg.train_instances);
         let batch = train.batch(&data, &slots, &mut rng_for(0, "speed"))?;
-        let t = speed::time(
-            &stage_cfg,
+        let step_cfg = SpeedConfig {
+            warmup_iters: 1,
+            ..t.clone()
+        };
+        let timing = speed::time(
+            &step_cfg,
             slots.len(),
             || Ok(opt.backward_step(&train.loss(&batch, true)?.total)?),
             |_, _| {},
         )?;
-        rows.push(row(&id, "train_step", cfg.seq_len, &t));
-        Some(t.median())
+        rows.push(row(&id, "train_step", cfg.seq_len, &timing));
+        Some(timing.median())
     } else {
         None
     };
@@ -259,7 +312,8 @@ fn vit_point(n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>) -> Result<Po
     let map = SeededVarMap::new(0);
     let task = ImageTask::new(Arch::Vit, &vision, &mux, &spec, 10, &map, &Device::Cpu)?;
     // Random pixels stand in for images: speed does not depend on them.
-    let count = cfg.timing.batch_instances.max(n);
+    let t = &cfg.vit_timing;
+    let count = t.batch_instances.max(n);
     let px: Vec<u8> = randn_vec(&mut rng_for(0, "bench.pixels"), count * spec.pixels())
         .into_iter()
         .map(|v| (v.abs() * 64.0).min(255.0) as u8)
@@ -269,26 +323,36 @@ fn vit_point(n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>) -> Result<Po
         labels: vec![0; count],
         spec: spec.clone(),
     };
-    let t = speed::time_inference(&task, &data, &cfg.timing, |_, _| {})?;
+    let full = speed::time_inference(&task, &data, t, |_, _| {})?;
     let seq = (spec.size / vision.vit.patch_size).pow(2);
     let size = format!(
         "{}x{}p{}",
         vision.vit.encoder.num_hidden_layers, vision.vit.encoder.hidden_size, vision.vit.patch_size
     );
-    rows.push(row(
-        &identity("vit", &size, n, "index"),
-        "inference",
-        seq,
-        &t,
-    ));
+    let id = identity("vit", &size, n, "index");
+    rows.push(row(&id, "inference", seq, &full));
+    let calls = speed::pass_calls(data.len(), n, t.batch_instances, t.rows_per_call);
+    let batches = calls
+        .iter()
+        .map(|slots| task.batch(&data, slots, &mut rng_for(0, "speed")))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let inputs: Vec<_> = batches.iter().map(|b| &b.input).collect();
+    let stages = time_stages(
+        &task.net,
+        &inputs,
+        |z| task.head.forward(z),
+        t,
+        full.instances,
+        |name, timing| rows.push(row(&id, &format!("stage:{name}"), seq, timing)),
+    )?;
     Ok(Point {
         label: "mnist vit".into(),
         n,
         seq_len: seq,
         demux: "index",
         backbone: "vit",
-        throughput: t.throughput(),
-        stages: vec![],
+        throughput: full.throughput(),
+        stages,
         train_ms: None,
     })
 }
@@ -309,21 +373,33 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SpeedRow>> {
             points.push(vit_point(n, cfg, &mut rows)?);
         }
     }
-    println!("{}", table(&points, cfg.timing.batch_instances));
+    println!("{}", table(&points, cfg));
     let dir = cfg.out.join("bench");
     std::fs::create_dir_all(&dir)?;
     results::write_table(&dir.join("speed.parquet"), &rows)?;
     std::fs::write(
         dir.join("env.txt"),
-        crate::provenance::env_txt("datamux bench"),
+        crate::provenance::env_txt(&cfg.command),
     )?;
     Ok(rows)
 }
 
-fn table(points: &[Point], batch: usize) -> String {
+fn table(points: &[Point], cfg: &BenchConfig) -> String {
     let threads = candle_core::utils::get_num_threads();
+    let calls = |t: &SpeedConfig| {
+        t.rows_per_call
+            .map_or("one call".into(), |r| format!("calls of {r} muxed rows"))
+    };
     let mut s = format!(
-        "inference, {batch} instances per pass, {threads} thread(s), stages are medians in ms\n{:<12} {:>3} {:>4} {:>12} {:>8} {:>7} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}\n",
+        "inference, {threads} thread(s); text: {} instances per pass in {}; ViT: {} in {}; \
+         stages are medians in ms per pass (frontend = embedding + mux as the model runs them, \
+         embed / mux = the two-step path); train step: {} instances\n\
+         {:<12} {:>3} {:>4} {:>10} {:>8} {:>7} {:>6} {:>9} {:>8} {:>8} {:>9} {:>7} {:>7} {:>11}\n",
+        cfg.timing.batch_instances,
+        calls(&cfg.timing),
+        cfg.vit_timing.batch_instances,
+        calls(&cfg.vit_timing),
+        cfg.train_instances,
         "model",
         "N",
         "L",
@@ -331,6 +407,7 @@ fn table(points: &[Point], batch: usize) -> String {
         "speedup",
         "ideal",
         "ratio",
+        "frontend",
         "embed",
         "mux",
         "encoder",
@@ -349,7 +426,7 @@ fn table(points: &[Point], batch: usize) -> String {
                 .map_or("–".into(), |(_, v)| format!("{v:.2}"))
         };
         s += &format!(
-            "{:<12} {:>3} {:>4} {:>12.1} {:>8} {:>7.2} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}\n",
+            "{:<12} {:>3} {:>4} {:>10.1} {:>8} {:>7.2} {:>6} {:>9} {:>8} {:>8} {:>9} {:>7} {:>7} {:>11}\n",
             p.label,
             p.n,
             p.seq_len,
@@ -357,6 +434,7 @@ fn table(points: &[Point], batch: usize) -> String {
             speedup.map_or("–".into(), |v| format!("{v:.2}")),
             ideal,
             speedup.map_or("–".into(), |v| format!("{:.2}", v / ideal)),
+            stage("frontend"),
             stage("embedding"),
             stage("mux"),
             stage("encoder"),
@@ -366,4 +444,65 @@ fn table(points: &[Point], batch: usize) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole bench at the tiny size: a row per point and stage, calls of the same rows at
+    /// every N, and the table on disk.
+    #[test]
+    fn bench_writes_every_point_and_stage() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let timing = SpeedConfig {
+            batch_instances: 6,
+            rows_per_call: Some(3),
+            warmup_iters: 1,
+            iters: 1,
+            max_seconds: 60.0,
+            enabled: true,
+        };
+        let cfg = BenchConfig {
+            sizes: vec![Size::Tiny],
+            ns: vec![1, 2],
+            seq_len: 9,
+            vocab: 57,
+            vit_timing: SpeedConfig {
+                rows_per_call: Some(1),
+                ..timing.clone()
+            },
+            timing,
+            train_instances: 2,
+            vit: true,
+            train_step: true,
+            out: dir.path().to_path_buf(),
+            command: "test".into(),
+        };
+        let rows = run(&cfg)?;
+        for model in ["transformer", "vit"] {
+            for n in [1, 2] {
+                let modes: Vec<&str> = rows
+                    .iter()
+                    .filter(|r| r.id.backbone == model && r.id.n_instances == n)
+                    .map(|r| r.mode.as_str())
+                    .collect();
+                for mode in [
+                    "inference",
+                    "stage:frontend",
+                    "stage:embedding",
+                    "stage:mux",
+                    "stage:encoder",
+                    "stage:demux",
+                    "stage:head",
+                ] {
+                    assert!(modes.contains(&mode), "{model} N = {n}: no {mode} in {modes:?}");
+                }
+            }
+        }
+        assert!(rows.iter().all(|r| r.batch_instances == 6 && r.latency_ms_median > 0.0));
+        let table: Vec<SpeedRow> = results::read_table(&dir.path().join("bench/speed.parquet"))?;
+        assert_eq!(table.len(), rows.len());
+        Ok(())
+    }
 }

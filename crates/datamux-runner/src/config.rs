@@ -189,6 +189,11 @@ pub struct SpeedConfig {
     pub enabled: bool,
     /// Instances per timed pass; the same at every N (rounded up to a multiple of N).
     pub batch_instances: usize,
+    /// Muxed rows per forward call: a pass is `batch_instances / (rows_per_call · N)` calls of
+    /// the same shape at every N, as the reference times a fixed batch of muxed rows
+    /// (method.md §9.2). Unset: the whole pass in one call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows_per_call: Option<usize>,
     pub warmup_iters: usize,
     pub iters: usize,
     /// Stop measuring after this long even if `iters` is not reached.
@@ -200,6 +205,7 @@ impl Default for SpeedConfig {
         Self {
             enabled: true,
             batch_instances: 160,
+            rows_per_call: None, // one call per pass, as the committed tables were timed
             warmup_iters: 2,
             iters: 10,
             max_seconds: 30.0,
@@ -425,6 +431,10 @@ impl RunConfig {
         ensure!(
             t.max_grad_norm > 0.0,
             "train.max_grad_norm must be positive"
+        );
+        ensure!(
+            self.speed.rows_per_call != Some(0),
+            "speed.rows_per_call must be at least 1"
         );
         match self.modality {
             Modality::Vision => {

@@ -98,9 +98,20 @@ enum Cmd {
         n: Vec<usize>,
         #[arg(long, default_value_t = 128)]
         seq_len: usize,
-        /// Instances per timed pass, the same at every N.
-        #[arg(long, default_value_t = 240)]
-        batch_instances: usize,
+        /// Muxed rows per forward call of the text model, the same at every N (the reference
+        /// times a fixed batch of muxed rows, method.md §9.2).
+        #[arg(long, default_value_t = 8)]
+        rows: usize,
+        /// Text instances per timed pass, the same at every N; a multiple of rows x N for every
+        /// N (default: rows x the largest N).
+        #[arg(long)]
+        batch_instances: Option<usize>,
+        /// Muxed rows per forward call of the MNIST ViT (its rows are 16 patches long).
+        #[arg(long, default_value_t = 64)]
+        vit_rows: usize,
+        /// Instances in the timed training step (one call), the same at every N.
+        #[arg(long, default_value_t = 40)]
+        train_instances: usize,
         #[arg(long, default_value_t = 5)]
         iters: usize,
         #[arg(long, default_value_t = 30522)]
@@ -244,7 +255,10 @@ fn real_main() -> Result<bool> {
             sizes,
             n,
             seq_len,
+            rows,
             batch_instances,
+            vit_rows,
+            train_instances,
             iters,
             vocab,
             no_vit,
@@ -260,21 +274,42 @@ fn real_main() -> Result<bool> {
                 })
                 .collect::<Result<Vec<_>>>()?;
             anyhow::ensure!(n.iter().all(|n| *n >= 1), "every N must be at least 1");
-            let cfg = datamux_runner::bench::BenchConfig {
-                sizes,
-                ns: n,
-                seq_len,
-                vocab,
-                timing: config::SpeedConfig {
-                    batch_instances,
+            anyhow::ensure!(
+                rows >= 1 && vit_rows >= 1 && train_instances >= 1,
+                "--rows, --vit-rows and --train-instances must be at least 1"
+            );
+            let max_n = n.iter().copied().max().unwrap_or(1);
+            let timing = |rows: usize, instances: Option<usize>| -> Result<config::SpeedConfig> {
+                let instances = instances.unwrap_or(rows * max_n);
+                // Every N must run whole calls of `rows` rows, or N's calls would differ in shape.
+                if let Some(bad) = n.iter().find(|&&k| instances % (rows * k) != 0) {
+                    anyhow::bail!(
+                        "{instances} instances per pass do not split into calls of {rows} rows at \
+                         N = {bad}: use a multiple of {rows} x every N (e.g. {})",
+                        rows * max_n
+                    );
+                }
+                Ok(config::SpeedConfig {
+                    batch_instances: instances,
+                    rows_per_call: Some(rows),
                     warmup_iters: 1,
                     iters,
-                    max_seconds: 120.0,
+                    max_seconds: 300.0,
                     enabled: true,
-                },
+                })
+            };
+            let cfg = datamux_runner::bench::BenchConfig {
+                sizes,
+                seq_len,
+                vocab,
+                timing: timing(rows, batch_instances)?,
+                vit_timing: timing(vit_rows, None)?,
+                train_instances,
+                ns: n,
                 vit: !no_vit,
                 train_step: true,
                 out: out.clone(),
+                command: command_line(),
             };
             datamux_runner::bench::run(&cfg)?;
             report::write_reports(

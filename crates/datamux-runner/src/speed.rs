@@ -105,19 +105,46 @@ pub fn batch_slots(len: usize, n: usize, batch_instances: usize) -> Vec<Option<u
     (0..count).map(|i| Some(i % len.max(1))).collect()
 }
 
-/// Inference throughput of `task` on one batch of `data`.
+/// The slots of one timed pass split into forward calls of at most `rows_per_call` muxed rows
+/// (`rows_per_call · N` instances); one call when unset.
+pub fn pass_calls(
+    len: usize,
+    n: usize,
+    batch_instances: usize,
+    rows_per_call: Option<usize>,
+) -> Vec<Vec<Option<usize>>> {
+    let slots = batch_slots(len, n, batch_instances);
+    let per_call = rows_per_call.map_or(slots.len(), |r| r.max(1) * n);
+    slots.chunks(per_call).map(<[_]>::to_vec).collect()
+}
+
+/// Inference throughput of `task` on one pass over `data`: `cfg.batch_instances` instances, in
+/// calls of `cfg.rows_per_call` muxed rows.
 pub fn time_inference<T: Task>(
     task: &T,
     data: &T::Data,
     cfg: &SpeedConfig,
     progress: impl FnMut(usize, usize),
 ) -> Result<Timing> {
-    let slots = batch_slots(task.len(data), task.n_instances(), cfg.batch_instances);
-    let batch = task.batch(data, &slots, &mut rng_for(0, "speed"))?;
+    let calls = pass_calls(
+        task.len(data),
+        task.n_instances(),
+        cfg.batch_instances,
+        cfg.rows_per_call,
+    );
+    let batches = calls
+        .iter()
+        .map(|slots| task.batch(data, slots, &mut rng_for(0, "speed")))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     time(
         cfg,
-        slots.len(),
-        || Ok(task.predict(&batch).map(|_| ())?),
+        calls.iter().map(Vec::len).sum(),
+        || {
+            for batch in &batches {
+                task.predict(batch)?;
+            }
+            Ok(())
+        },
         progress,
     )
 }
@@ -145,5 +172,18 @@ mod tests {
             assert_eq!(batch_slots(7, n, 80).len(), 80, "n = {n}");
         }
         assert_eq!(batch_slots(7, 3, 80).len(), 81);
+    }
+
+    #[test]
+    fn a_pass_is_calls_of_the_same_rows_at_every_n() {
+        for n in [1, 2, 5, 10, 20, 40] {
+            let calls = pass_calls(7, n, 320, Some(8));
+            assert_eq!(calls.len(), 40 / n, "n = {n}");
+            assert!(calls.iter().all(|c| c.len() == 8 * n), "n = {n}");
+        }
+        // Unset: one call; a remainder gives a shorter last call, never a lost instance.
+        assert_eq!(pass_calls(7, 3, 80, None).len(), 1);
+        let calls = pass_calls(7, 3, 80, Some(4)); // 81 slots in calls of 12
+        assert_eq!(calls.iter().map(Vec::len).collect::<Vec<_>>(), [12; 6].iter().copied().chain([9]).collect::<Vec<_>>());
     }
 }

@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Result};
 use datamux_core::init::rng_for;
-use datamux_core::{DemuxKind, MuxKind, SeededVarMap, Task, model};
+use datamux_core::{DemuxKind, Frontend, MuxKind, SeededVarMap, Task, model};
 use datamux_text::task::{HeadKind, IGNORE, SentenceData, TextData, TextTask, TokenData};
 use datamux_text::{Config, TextTokenizer};
 
@@ -83,6 +83,47 @@ fn sentence_and_token_heads_have_their_shapes() -> Result<()> {
         let s = t.score(&b)?;
         assert!(s.spans.is_some() && s.metric("f1").is_some());
         assert!(t.loss(&b, true)?.total.to_scalar::<f32>()?.is_finite());
+    }
+    Ok(())
+}
+
+/// Inference embeds and muxes in one pass where the mux is per-slot scales; the backbone's input
+/// must be what the two-step path (embed, then mux) gives, for every mux and with padding.
+#[test]
+fn fused_embed_and_mux_agrees_with_two_steps() -> Result<()> {
+    let tk = tokenizer();
+    let texts = strings(&["a quiet film", "the cast is good", "a loud film", "new york"]);
+    let data = TextData::Sentences(
+        SentenceData::encode(&tk, &texts, None, &[0, 1, 0, 1], 2).unwrap(),
+    );
+    let slots = datamux_core::Groups::consecutive(&[0, 1, 2, 3], 3).slots; // one dummy slot
+    for kind in MuxKind::ALL {
+        let cfg = Config {
+            max_length: 20,
+            ..Config::tiny()
+        };
+        let mux = model::Config::new(3, kind, DemuxKind::Index);
+        let t = TextTask::new(
+            &cfg,
+            &mux,
+            HeadKind::Sentence,
+            &strings(&["a", "b"]),
+            tk.vocab_size(),
+            tk.pad_id,
+            (0.9, 0.1),
+            &SeededVarMap::new(0),
+            &Device::Cpu,
+        )?;
+        let b = t.batch(&data, &slots, &mut rng_for(0, "r"))?;
+        let net = &t.net;
+        let (fused, fused_pad) = net.embed_and_mux(&b.input, false)?;
+        let (two, two_pad) = net.mux_input(net.frontend.embed(&b.input, false)?)?;
+        assert_eq!(fused.dims(), two.dims(), "{kind:?}");
+        let diff = (&fused - &two)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "{kind:?}: diff {diff}");
+        let (p, q) = (fused_pad.unwrap(), two_pad.unwrap());
+        assert_eq!(p.to_vec2::<u8>()?, q.to_vec2::<u8>()?, "{kind:?}");
+        assert!(p.sum_all()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? > 0.0);
     }
     Ok(())
 }
