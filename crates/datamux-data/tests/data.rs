@@ -9,7 +9,10 @@ use datamux_data::{Catalogue, DataError, Resolver, Source};
 use polars::prelude::{Column, DataFrame, IntoColumn, NamedFrom, ParquetWriter, Series};
 
 fn mirror() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/mirror")
+    // Read at run time: a test binary built from another checkout that shares the target folder
+    // (CI) would otherwise look in that checkout.
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/mirror")
 }
 
 fn local(dir: &Path) -> Resolver {

@@ -8,10 +8,10 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use candle_core::Device;
+use candle_core::Tensor;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use datamux_core::demux::Positions;
 use datamux_core::init::{randn_vec, rng_for};
-use candle_core::Tensor;
 use datamux_core::model::{self, Frontend, MuxNet};
 use datamux_core::{Backbone, DemuxKind, MuxKind, SeededVarMap, Task};
 use datamux_text::Size;
@@ -496,11 +496,17 @@ mod tests {
                     "stage:demux",
                     "stage:head",
                 ] {
-                    assert!(modes.contains(&mode), "{model} N = {n}: no {mode} in {modes:?}");
+                    assert!(
+                        modes.contains(&mode),
+                        "{model} N = {n}: no {mode} in {modes:?}"
+                    );
                 }
             }
         }
-        assert!(rows.iter().all(|r| r.batch_instances == 6 && r.latency_ms_median > 0.0));
+        assert!(
+            rows.iter()
+                .all(|r| r.batch_instances == 6 && r.latency_ms_median > 0.0)
+        );
         let table: Vec<SpeedRow> = results::read_table(&dir.path().join("bench/speed.parquet"))?;
         assert_eq!(table.len(), rows.len());
         Ok(())

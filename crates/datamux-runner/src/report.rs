@@ -319,11 +319,24 @@ pub fn experiment_dirs(root: &Path) -> Result<Vec<PathBuf>> {
     if is_exp(root) {
         return Ok(vec![root.to_path_buf()]);
     }
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
+    let mut dirs = Vec::new();
+    for sub in std::fs::read_dir(root)
         .with_context(|| format!("cannot list {}", root.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| is_exp(p))
-        .collect();
+        .filter(|p| p.is_dir())
+    {
+        if is_exp(&sub) {
+            dirs.push(sub);
+        } else {
+            // One level more: results/<profile>/<experiment> of the non-default profiles.
+            dirs.extend(
+                std::fs::read_dir(&sub)
+                    .with_context(|| format!("cannot list {}", sub.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| is_exp(p)),
+            );
+        }
+    }
     dirs.sort();
     Ok(dirs)
 }

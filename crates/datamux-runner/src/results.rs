@@ -38,6 +38,7 @@ pub trait Row: Serialize + DeserializeOwned {
     /// Rows of one run share this key; a rerun replaces them all.
     fn key(&self) -> &str;
     fn status(&self) -> &str;
+    fn identity(&self) -> &Identity;
 }
 
 /// Identity and provenance columns shared by both tables.
@@ -99,6 +100,24 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The point of a sweep this row stands for: the columns the report groups by, seed
+    /// included. Two runs of one point differ only in settings, and the newer one supersedes.
+    pub fn point(&self) -> String {
+        format!(
+            "{}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
+            self.experiment,
+            self.profile,
+            self.dataset,
+            self.backbone,
+            self.model_size,
+            self.mux,
+            self.demux,
+            self.n_instances,
+            self.seed,
+            self.warmup
+        )
+    }
+
     pub fn with_provenance(mut self, p: &Provenance) -> Self {
         self.git_rev = p.git_rev.clone();
         self.git_dirty = p.git_dirty;
@@ -148,6 +167,9 @@ impl Row for AccuracyRow {
     fn key(&self) -> &str {
         &self.id.run_id
     }
+    fn identity(&self) -> &Identity {
+        &self.id
+    }
     fn status(&self) -> &str {
         &self.id.status
     }
@@ -192,6 +214,9 @@ impl Row for SpeedRow {
     );
     fn key(&self) -> &str {
         &self.id.run_id
+    }
+    fn identity(&self) -> &Identity {
+        &self.id
     }
     fn status(&self) -> &str {
         &self.id.status
@@ -326,11 +351,16 @@ pub fn read_table<R: Row>(path: &Path) -> Result<Vec<R>> {
         .collect()
 }
 
-/// Replace the rows of each key present in `new` and keep the rest, in a stable order.
+/// Replace the rows of each key present in `new`, and the rows of the same sweep point made with
+/// other settings (an edited experiment file gives the point a new key, and its old rows would
+/// otherwise be averaged with the new ones as if they were another seed); keep the rest, in a
+/// stable order.
 pub fn upsert<R: Row>(rows: &mut Vec<R>, new: Vec<R>) {
     let keys: std::collections::BTreeSet<String> =
         new.iter().map(|r| r.key().to_string()).collect();
-    rows.retain(|r| !keys.contains(r.key()));
+    let points: std::collections::BTreeSet<String> =
+        new.iter().map(|r| r.identity().point()).collect();
+    rows.retain(|r| !keys.contains(r.key()) && !points.contains(&r.identity().point()));
     rows.extend(new);
 }
 
@@ -346,4 +376,45 @@ pub fn finished<R: Row>(rows: &[R]) -> std::collections::BTreeSet<String> {
         }
     }
     ok.difference(&bad).cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acc(run_id: &str, n: i64, seed: i64, metric: &str) -> AccuracyRow {
+        AccuracyRow {
+            id: Identity {
+                experiment: "e".into(),
+                profile: "quick".into(),
+                run_id: run_id.into(),
+                backbone: "lenet".into(),
+                n_instances: n,
+                seed,
+                ..Identity::default()
+            },
+            split: "test".into(),
+            metric: metric.into(),
+            value: 0.5,
+            n_examples: 3,
+            steps: 1,
+            best_step: 1,
+            train_seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn upsert_replaces_a_run_and_what_its_point_had_under_other_settings() {
+        let mut rows = vec![
+            acc("n4-old", 4, 0, "accuracy"),
+            acc("n4-old", 4, 0, "accuracy_slot_min"),
+            acc("n4-seed1", 4, 1, "accuracy"), // another seed: a point of its own
+            acc("n2", 2, 0, "accuracy"),
+        ];
+        upsert(&mut rows, vec![acc("n4-new", 4, 0, "accuracy")]);
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.run_id.as_str()).collect();
+        assert_eq!(ids, ["n4-seed1", "n2", "n4-new"]);
+        upsert(&mut rows, vec![acc("n2", 2, 0, "accuracy")]);
+        assert_eq!(rows.len(), 3);
+    }
 }

@@ -184,6 +184,9 @@ mod tests {
         // Unset: one call; a remainder gives a shorter last call, never a lost instance.
         assert_eq!(pass_calls(7, 3, 80, None).len(), 1);
         let calls = pass_calls(7, 3, 80, Some(4)); // 81 slots in calls of 12
-        assert_eq!(calls.iter().map(Vec::len).collect::<Vec<_>>(), [12; 6].iter().copied().chain([9]).collect::<Vec<_>>());
+        assert_eq!(
+            calls.iter().map(Vec::len).collect::<Vec<_>>(),
+            [12; 6].iter().copied().chain([9]).collect::<Vec<_>>()
+        );
     }
 }

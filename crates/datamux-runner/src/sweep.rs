@@ -356,6 +356,24 @@ pub fn run(plan: &Plan) -> Result<bool> {
     for (i, exp) in plan.experiments.iter().enumerate() {
         let dir = plan.out_dir.join(&exp.name);
         let t = Tables::open(&dir)?;
+        // The report groups rows by model and N, not by profile: one table, one profile.
+        if let Some(other) = t
+            .accuracy
+            .iter()
+            .map(|r| &r.id)
+            .chain(t.speed.iter().map(|r| &r.id))
+            .map(|id| &id.profile)
+            .find(|p| **p != exp.profile)
+        {
+            anyhow::bail!(
+                "{} holds results of profile `{other}`; a `{}` run would mix them into one table: \
+                 give it its own --out (`just reproduce {}` writes results/{}/)",
+                dir.display(),
+                exp.profile,
+                exp.profile,
+                exp.profile
+            );
+        }
         write_resolved(&dir, exp)?;
         std::fs::write(
             dir.join("env.txt"),

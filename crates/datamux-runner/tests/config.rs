@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use datamux_runner::config::{self, Modality};
 
 fn experiments_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments")
+    // Read at run time: a test binary built from another checkout that shares the target folder
+    // (CI) would otherwise look in that checkout.
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"))
+        .join("../../experiments")
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {

@@ -11,7 +11,10 @@ use std::process::{Command, Output};
 use datamux_runner::results::{self, AccuracyRow, Col, Row, SpeedRow};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    // Read at run time: a test binary built from another checkout that shares the target folder
+    // (CI) would otherwise look in that checkout.
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"))
+        .join("../..")
 }
 
 fn datamux(dir: &Path, args: &[&str]) -> Output {

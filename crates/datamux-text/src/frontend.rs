@@ -6,8 +6,8 @@
 //! positions are zeroed so they add nothing to the mix, and prefix slots take no positions.
 
 use candle_core::{DType, Result, Storage, Tensor};
-use rayon::prelude::*;
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 use datamux_core::encoder::{self, Encoder};
 use datamux_core::layers::{self, LayerNorm};
@@ -112,8 +112,15 @@ impl Frontend for TextFrontend {
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
         }
-        let scales = scales.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?; // N·D
-        let positions = self.positions.narrow(0, 0, l)?.flatten_all()?.to_vec1::<f32>()?; // L·D
+        let scales = scales
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?; // N·D
+        let positions = self
+            .positions
+            .narrow(0, 0, l)?
+            .flatten_all()?
+            .to_vec1::<f32>()?; // L·D
         let norm = match &self.norm {
             Some(norm) => {
                 let (w, bias, eps) = norm.params();
@@ -132,44 +139,42 @@ impl Frontend for TextFrontend {
         };
         let table = &cpu.as_slice::<f32>()?[start..end]; // vocab·D
         let mut out = vec![0f32; b * l * d]; // (B, L, D), one row per muxed position
-        out.par_chunks_mut(d)
-            .enumerate()
-            .for_each_init(
-                || vec![0f32; d],
-                |x, (row, acc)| {
-                    let (bi, li) = (row / l, row % l);
-                    let pos = &positions[li * d..(li + 1) * d];
-                    for i in 0..n {
-                        let k = (bi * n + i) * l + li; // (bi, i, li) in (B, N, L)
-                        if pad[k] != 0 {
-                            continue; // padding adds nothing to the mix
-                        }
-                        let id = ids[k] as usize;
-                        let tok = &table[id * d..(id + 1) * d];
-                        for ((x, t), p) in x.iter_mut().zip(tok).zip(pos) {
-                            *x = t + p;
-                        }
-                        let s = &scales[i * d..(i + 1) * d];
-                        match &norm {
-                            Some((w, bias, eps)) => {
-                                let mean = x.iter().sum::<f32>() / d as f32;
-                                let var =
-                                    x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-                                let r = 1.0 / (var + eps).sqrt();
-                                let terms = x.iter().zip(s).zip(w).zip(bias);
-                                for (a, (((x, s), w), c)) in acc.iter_mut().zip(terms) {
-                                    *a += s * ((x - mean) * r * w + c);
-                                }
+        out.par_chunks_mut(d).enumerate().for_each_init(
+            || vec![0f32; d],
+            |x, (row, acc)| {
+                let (bi, li) = (row / l, row % l);
+                let pos = &positions[li * d..(li + 1) * d];
+                for i in 0..n {
+                    let k = (bi * n + i) * l + li; // (bi, i, li) in (B, N, L)
+                    if pad[k] != 0 {
+                        continue; // padding adds nothing to the mix
+                    }
+                    let id = ids[k] as usize;
+                    let tok = &table[id * d..(id + 1) * d];
+                    for ((x, t), p) in x.iter_mut().zip(tok).zip(pos) {
+                        *x = t + p;
+                    }
+                    let s = &scales[i * d..(i + 1) * d];
+                    match &norm {
+                        Some((w, bias, eps)) => {
+                            let mean = x.iter().sum::<f32>() / d as f32;
+                            let var =
+                                x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                            let r = 1.0 / (var + eps).sqrt();
+                            let terms = x.iter().zip(s).zip(w).zip(bias);
+                            for (a, (((x, s), w), c)) in acc.iter_mut().zip(terms) {
+                                *a += s * ((x - mean) * r * w + c);
                             }
-                            None => {
-                                for ((a, x), s) in acc.iter_mut().zip(x.iter()).zip(s) {
-                                    *a += s * x;
-                                }
+                        }
+                        None => {
+                            for ((a, x), s) in acc.iter_mut().zip(x.iter()).zip(s) {
+                                *a += s * x;
                             }
                         }
                     }
-                },
-            );
+                }
+            },
+        );
         drop(storage);
         Ok(Some(Embedded {
             xs: Tensor::from_vec(out, (b, l, d), self.tokens.device())?,
@@ -257,7 +262,9 @@ mod tests {
             let map = SeededVarMap::new(3);
             let vb = map.var_builder(DType::F32, &dev);
             let fe = TextFrontend::new(vocab, 11, d, norm, 0.1, 1e-5, vb)?;
-            let fused = fe.embed_muxed(&input, &scales)?.expect("CPU f32 has a fused path");
+            let fused = fe
+                .embed_muxed(&input, &scales)?
+                .expect("CPU f32 has a fused path");
             assert_eq!(fused.xs.dims3()?, (b, l, d));
             // Two steps: (B, N, L, D) ⊙ (1, N, 1, D), summed over N.
             let two = fe

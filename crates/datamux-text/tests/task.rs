@@ -92,10 +92,14 @@ fn sentence_and_token_heads_have_their_shapes() -> Result<()> {
 #[test]
 fn fused_embed_and_mux_agrees_with_two_steps() -> Result<()> {
     let tk = tokenizer();
-    let texts = strings(&["a quiet film", "the cast is good", "a loud film", "new york"]);
-    let data = TextData::Sentences(
-        SentenceData::encode(&tk, &texts, None, &[0, 1, 0, 1], 2).unwrap(),
-    );
+    let texts = strings(&[
+        "a quiet film",
+        "the cast is good",
+        "a loud film",
+        "new york",
+    ]);
+    let data =
+        TextData::Sentences(SentenceData::encode(&tk, &texts, None, &[0, 1, 0, 1], 2).unwrap());
     let slots = datamux_core::Groups::consecutive(&[0, 1, 2, 3], 3).slots; // one dummy slot
     for kind in MuxKind::ALL {
         let cfg = Config {
@@ -123,7 +127,12 @@ fn fused_embed_and_mux_agrees_with_two_steps() -> Result<()> {
         assert!(diff < 1e-4, "{kind:?}: diff {diff}");
         let (p, q) = (fused_pad.unwrap(), two_pad.unwrap());
         assert_eq!(p.to_vec2::<u8>()?, q.to_vec2::<u8>()?, "{kind:?}");
-        assert!(p.sum_all()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? > 0.0);
+        assert!(
+            p.sum_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_scalar::<f32>()?
+                > 0.0
+        );
     }
     Ok(())
 }
