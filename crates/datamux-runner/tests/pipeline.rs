@@ -159,6 +159,39 @@ fn smoke_profile_end_to_end_with_resume() {
     assert_eq!(key_counts(&after), key_counts(&mnist));
     assert!(!before.is_empty());
 
+    // Another profile into the same folder is refused before anything trains.
+    let mut other = args;
+    other[3] = "quick";
+    let mixed = datamux(dir, &other);
+    assert!(!mixed.status.success());
+    assert!(
+        stderr(&mixed).contains("holds results of profile `smoke`"),
+        "{}",
+        stderr(&mixed)
+    );
+    let untouched: Vec<AccuracyRow> =
+        results::read_table(&dir.join("results/mnist/accuracy.parquet")).unwrap();
+    assert_eq!(key_counts(&untouched), key_counts(&mnist));
+
+    // An edited setting makes a point a new run, whose rows replace the old ones.
+    let mut edited: Vec<&str> = args.to_vec();
+    edited[1] = "experiments/mnist.toml";
+    edited.extend(["--set", "train.lr=0.001", "--no-speed"]);
+    let third = datamux(dir, &edited);
+    assert!(third.status.success(), "{}", stderr(&third));
+    let replaced: Vec<AccuracyRow> =
+        results::read_table(&dir.join("results/mnist/accuracy.parquet")).unwrap();
+    assert_eq!(
+        replaced.len(),
+        mnist.len(),
+        "a row per (point, split, metric), as before"
+    );
+    assert!(replaced.iter().all(|r| !key_counts(&mnist).contains_key(&(
+        r.id.run_id.clone(),
+        r.split.clone(),
+        r.metric.clone()
+    ))));
+
     // An interrupted sweep: kill it after its first finished run, run again, lose nothing.
     let out = "results-killed";
     let long = [
