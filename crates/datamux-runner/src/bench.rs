@@ -234,13 +234,9 @@ fn text_point(size: Size, n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>)
     let count = t.batch_instances.max(n).max(cfg.train_instances);
     let data = synthetic_text(count, cfg.seq_len, cfg.vocab);
     let id = identity("transformer", size_name(size), n, "index");
-    let full = speed::time_inference(&task, &data, t, |_, _| {})?;
+    let (batches, instances) = speed::pass_batches(&task, &data, t)?;
+    let full = speed::time_batches(&task, &batches, instances, t, |_, _| {})?;
     rows.push(row(&id, "inference", cfg.seq_len, &full));
-    let calls = speed::pass_calls(data.len(), n, t.batch_instances, t.rows_per_call);
-    let batches = calls
-        .iter()
-        .map(|slots| task.batch(&data, slots, &mut rng_for(0, "speed")))
-        .collect::<candle_core::Result<Vec<_>>>()?;
     let inputs: Vec<_> = batches.iter().map(|b| &b.input).collect();
     let stages = time_stages(
         &task.net,
@@ -323,7 +319,8 @@ fn vit_point(n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>) -> Result<Po
         labels: vec![0; count],
         spec: spec.clone(),
     };
-    let full = speed::time_inference(&task, &data, t, |_, _| {})?;
+    let (batches, instances) = speed::pass_batches(&task, &data, t)?;
+    let full = speed::time_batches(&task, &batches, instances, t, |_, _| {})?;
     let seq = (spec.size / vision.vit.patch_size).pow(2);
     let size = format!(
         "{}x{}p{}",
@@ -331,11 +328,6 @@ fn vit_point(n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>) -> Result<Po
     );
     let id = identity("vit", &size, n, "index");
     rows.push(row(&id, "inference", seq, &full));
-    let calls = speed::pass_calls(data.len(), n, t.batch_instances, t.rows_per_call);
-    let batches = calls
-        .iter()
-        .map(|slots| task.batch(&data, slots, &mut rng_for(0, "speed")))
-        .collect::<candle_core::Result<Vec<_>>>()?;
     let inputs: Vec<_> = batches.iter().map(|b| &b.input).collect();
     let stages = time_stages(
         &task.net,

@@ -118,14 +118,13 @@ pub fn pass_calls(
     slots.chunks(per_call).map(<[_]>::to_vec).collect()
 }
 
-/// Inference throughput of `task` on one pass over `data`: `cfg.batch_instances` instances, in
-/// calls of `cfg.rows_per_call` muxed rows.
-pub fn time_inference<T: Task>(
+/// The batches of one timed pass over `data` (one per forward call, [`pass_calls`]) and the
+/// instances they hold.
+pub fn pass_batches<T: Task>(
     task: &T,
     data: &T::Data,
     cfg: &SpeedConfig,
-    progress: impl FnMut(usize, usize),
-) -> Result<Timing> {
+) -> Result<(Vec<T::Batch>, usize)> {
     let calls = pass_calls(
         task.len(data),
         task.n_instances(),
@@ -136,17 +135,40 @@ pub fn time_inference<T: Task>(
         .iter()
         .map(|slots| task.batch(data, slots, &mut rng_for(0, "speed")))
         .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok((batches, calls.iter().map(Vec::len).sum()))
+}
+
+/// Inference throughput of `task` over prepared `batches` holding `instances` instances.
+pub fn time_batches<T: Task>(
+    task: &T,
+    batches: &[T::Batch],
+    instances: usize,
+    cfg: &SpeedConfig,
+    progress: impl FnMut(usize, usize),
+) -> Result<Timing> {
     time(
         cfg,
-        calls.iter().map(Vec::len).sum(),
+        instances,
         || {
-            for batch in &batches {
+            for batch in batches {
                 task.predict(batch)?;
             }
             Ok(())
         },
         progress,
     )
+}
+
+/// Inference throughput of `task` on one pass over `data`: `cfg.batch_instances` instances, in
+/// calls of `cfg.rows_per_call` muxed rows.
+pub fn time_inference<T: Task>(
+    task: &T,
+    data: &T::Data,
+    cfg: &SpeedConfig,
+    progress: impl FnMut(usize, usize),
+) -> Result<Timing> {
+    let (batches, instances) = pass_batches(task, data, cfg)?;
+    time_batches(task, &batches, instances, cfg, progress)
 }
 
 #[cfg(test)]
