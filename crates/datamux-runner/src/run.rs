@@ -611,7 +611,7 @@ fn text_train(
         let dir = warmup_dir(run, env, &tk);
         let _lock = Lock::acquire(&dir)?;
         let warm_map = SeededVarMap::new(run.seed);
-        let warm = text_task(run, head, labels, &tk, (0.0, 1.0), &warm_map)?;
+        let warm = text_task(&run.warmup_run(), head, labels, &tk, (0.0, 1.0), &warm_map)?;
         let ckpt = dir.join("model.safetensors");
         let (steps, best, seconds) = if ckpt.is_file() {
             report(Tick {

@@ -246,3 +246,39 @@ fn expectations_filter_on_the_warm_up() {
     assert_eq!(misses.len(), 1, "{misses:?}");
     assert!(misses[0].contains("warm-up true"), "{misses:?}");
 }
+
+#[test]
+fn warm_up_dropout_changes_only_the_warm_up_model() {
+    let path = experiments_dir().join("text-sentence.toml");
+    let plain = config::load(&path, "quick", &[]).unwrap();
+    let run = &plain.runs[0];
+    assert_eq!(run.warmup.dropout, None);
+    // Unset, it is not serialised: the hashes of runs that predate it do not move.
+    assert!(
+        !serde_json::to_string(&run.warmup)
+            .unwrap()
+            .contains("dropout")
+    );
+    assert_eq!(&run.warmup_run(), run);
+
+    let set = [config::parse_override("warmup.dropout=0.0").unwrap()];
+    let e = config::load(&path, "quick", &set).unwrap();
+    let run = &e.runs[0];
+    assert_ne!(run.config_hash(), plain.runs[0].config_hash());
+    let warm = run.warmup_run();
+    let enc = warm.model.text.encoder();
+    assert_eq!(enc.hidden_dropout_prob, 0.0);
+    assert_eq!(enc.attention_probs_dropout_prob, 0.0);
+    assert_eq!(warm.model.text.embedding_dropout, 0.0);
+    assert_eq!(warm.model.demux.dropout, 0.0);
+    // The widths are those of the task model, so its checkpoint loads into the task.
+    assert_eq!(enc.hidden_size, run.model.text.encoder().hidden_size);
+    assert!(run.model.text.embedding_dropout > 0.0);
+
+    let bad = [config::parse_override("warmup.dropout=1.5").unwrap()];
+    let err = format!("{:#}", config::load(&path, "quick", &bad).unwrap_err());
+    assert!(
+        err.contains("warmup.dropout must be in [0, 1), got 1.5"),
+        "{err}"
+    );
+}
