@@ -524,12 +524,14 @@ fn warmup_corpus(
     Ok(TextData::Sentences(SentenceData::corpus(tk, &lines)?))
 }
 
-/// The warm-up checkpoint directory: one per (data, tokenizer, model, N, mux, demux, warm-up
-/// settings, seed), reused by every run that shares them.
+/// The warm-up checkpoint directory: one per (data, tokenizer, warm-up model, N, mux, demux,
+/// warm-up settings, seed), reused by every run that shares them. The model settings are the
+/// warm-up model's (`RunConfig::warmup_run`), so a fine-tuning dropout does not retrain it.
 fn warmup_dir(run: &RunConfig, env: &RunEnv, tk: &TextTokenizer) -> PathBuf {
+    let warm = run.warmup_run();
     let key = serde_json::json!({
         "dataset": run.data.dataset, "corpus": run.warmup.corpus, "vocab": tk.vocab_size(),
-        "text": run.model.text, "mux": run.model.mux, "demux": run.model.demux,
+        "text": warm.model.text, "mux": warm.model.mux, "demux": warm.model.demux,
         "n": run.model.n_instances, "warmup": run.warmup, "seed": run.seed,
         "eval_rows": run.train.eval_rows,
     });
@@ -785,4 +787,48 @@ fn speed_job(run: &RunConfig, env: &RunEnv, report: Report<'_>) -> Result<Vec<Sp
         latency_ms_max: timing.max(),
         throughput_instances_per_s: timing.throughput(),
     }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_with(overrides: &[&str]) -> RunConfig {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments/text-sentence.toml");
+        let set: Vec<_> = overrides
+            .iter()
+            .map(|s| crate::config::parse_override(s).unwrap())
+            .collect();
+        crate::config::load(&path, "smoke", &set).unwrap().runs[0].clone()
+    }
+
+    #[test]
+    fn the_warm_up_checkpoint_depends_on_the_warm_up_model_only() {
+        let tk =
+            TextTokenizer::train(["a quiet film", "a dull film"].into_iter(), 40, true, 8).unwrap();
+        let env = RunEnv {
+            data_dir: None,
+            offline: true,
+            runs_dir: PathBuf::from("runs"),
+            cache_dir: PathBuf::from(".cache"),
+            profile: "smoke".into(),
+        };
+        let dir = |o: &[&str]| warmup_dir(&run_with(o), &env, &tk);
+        let no_drop = ["warmup.dropout=0.0"];
+        let no_drop_ft = [
+            "warmup.dropout=0.0",
+            "model.text.embedding_dropout=0.3",
+            "model.demux.dropout=0.3",
+        ];
+        // With the warm-up's own dropout, the fine-tuning dropout does not retrain it ...
+        assert_eq!(dir(&no_drop), dir(&no_drop_ft));
+        // ... without it, the model's dropout is the warm-up's too.
+        assert_ne!(dir(&[]), dir(&["model.text.embedding_dropout=0.3"]));
+        assert_ne!(dir(&[]), dir(&no_drop));
+        assert_ne!(
+            dir(&no_drop),
+            dir(&["warmup.dropout=0.0", "warmup.lr=0.01"])
+        );
+    }
 }
