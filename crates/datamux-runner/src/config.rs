@@ -503,6 +503,8 @@ impl RunConfig {
     /// loads into the task model.
     pub fn warmup_run(&self) -> RunConfig {
         let mut run = self.clone();
+        // The warm-up trains no task head, so how the head reads does not change it.
+        run.model.text.sentence_readout = datamux_text::SentenceReadout::default();
         if let Some(p) = self.warmup.dropout {
             let text = &mut run.model.text;
             let mut enc = text.encoder();

@@ -695,14 +695,27 @@ fn text_train(
         // (the warm-up's head was never trained; method.md §12).
         let warm_vars = warm_map.sorted_vars()?;
         let fresh = map.sorted_vars()?;
+        // The mean readout reads the same (prefix slot, position) pairs as retrieval, so its
+        // demultiplexer starts from the retrieval one, which learned to address each instance
+        // (the task's own was never trained either). The prefix table is shared already.
+        let from_retrieval = head == HeadKind::Sentence
+            && run.model.text.sentence_readout == datamux_text::SentenceReadout::Mean;
+        let warm_by_name: std::collections::HashMap<&str, &candle_core::Var> =
+            warm_vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
         for ((name, var), (wname, wvar)) in fresh.iter().zip(&warm_vars) {
             anyhow::ensure!(
                 name == wname,
                 "warm-up and task variables differ: {name} vs {wname}"
             );
-            if !name.starts_with("head.") {
-                var.set(wvar.as_tensor())?;
+            if name.starts_with("head.") {
+                continue;
             }
+            let retrieval = from_retrieval
+                .then(|| warm_by_name.get(format!("retrieval.{name}").as_str()))
+                .flatten()
+                .copied()
+                .filter(|r| r.shape() == wvar.shape());
+            var.set(retrieval.unwrap_or(wvar).as_tensor())?;
         }
     }
     let metric = task.selection_metric();

@@ -14,6 +14,26 @@ pub enum Size {
     Custom,
 }
 
+/// What the sentence head reads for instance i.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SentenceReadout {
+    /// The demultiplexed summary position (the reference; method.md §4.1).
+    #[default]
+    Summary,
+    /// The mean over instance i's own (non-padding) tokens of the demultiplexed positions, with
+    /// the task demultiplexer starting from the warm-up's retrieval demultiplexer. Retrieval
+    /// teaches the demultiplexer to read instance i at every position, but never asks the
+    /// encoder to gather instance i into its prefix slot, which the summary readout needs.
+    Mean,
+}
+
+impl SentenceReadout {
+    pub fn is_summary(&self) -> bool {
+        *self == Self::Summary
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -40,6 +60,9 @@ pub struct Config {
     /// `retrieval_percentage`). The `V`-way softmax over every position dominates a small model's
     /// step; a fraction trades gradient signal for speed.
     pub retrieval_fraction: f64,
+    /// Left out of the serialised settings at its default, so older runs keep their hashes.
+    #[serde(skip_serializing_if = "SentenceReadout::is_summary")]
+    pub sentence_readout: SentenceReadout,
 }
 
 impl Default for Config {
@@ -55,6 +78,7 @@ impl Default for Config {
             embedding_norm: true,
             mux_norm: false,
             retrieval_fraction: 1.0, // the reference keeps every target
+            sentence_readout: SentenceReadout::Summary,
         }
     }
 }

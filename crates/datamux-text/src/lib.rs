@@ -14,7 +14,7 @@ pub mod metrics;
 pub mod task;
 pub mod tokenizer;
 
-pub use config::{Config, Size};
+pub use config::{Config, SentenceReadout, Size};
 pub use frontend::{TextFrontend, TextInput};
 pub use task::{SentenceData, TextTask, TokenData};
 pub use tokenizer::{TextError, TextTokenizer};

@@ -15,7 +15,7 @@ use datamux_core::model::{self, MuxNet};
 use datamux_core::retrieval::{RetrievalHead, RetrievalTargets};
 use datamux_core::task::{self, Losses, Score, Task};
 
-use crate::config::Config;
+use crate::config::{Config, SentenceReadout};
 use crate::frontend::{TextBackbone, TextFrontend, TextInput};
 use crate::metrics;
 use crate::tokenizer::{TextError, TextTokenizer};
@@ -180,6 +180,15 @@ pub struct TextBatch {
     pub len: usize,
 }
 
+/// `(B, N, L, D)` and padding flags `(B, N, L)` (1 = padding) -> `(B, N, 1, D)`: the mean over
+/// each instance's own positions. An all-padding (dummy) instance gives zeros.
+fn masked_mean(z: &Tensor, pad: &Tensor) -> Result<Tensor> {
+    let keep = pad.ones_like()?.sub(pad)?.to_dtype(z.dtype())?; // (B, N, L)
+    let count = keep.sum_keepdim(2)?.clamp(1f32, f32::MAX)?; // (B, N, 1)
+    let sum = z.broadcast_mul(&keep.unsqueeze(3)?)?.sum_keepdim(2)?; // (B, N, 1, D)
+    sum.broadcast_div(&count.unsqueeze(3)?)
+}
+
 #[derive(Clone, Debug)]
 enum Head {
     Sentence(SequenceHead),
@@ -203,6 +212,7 @@ pub struct TextTask {
     pub fixed_len: Option<usize>,
     /// Share of retrieval targets kept per batch (`retrieval_fraction` of the config).
     pub retrieval_fraction: f64,
+    readout: SentenceReadout,
     label_names: Vec<String>,
     pad_id: u32,
     n: usize,
@@ -253,6 +263,7 @@ impl TextTask {
             weights,
             fixed_len: None,
             retrieval_fraction: cfg.retrieval_fraction,
+            readout: cfg.sentence_readout,
             label_names: label_names.to_vec(),
             pad_id,
             n: mux.n_instances,
@@ -272,9 +283,17 @@ impl TextTask {
     fn logits(&self, batch: &TextBatch, train: bool) -> Result<(datamux_core::Encoded, Tensor)> {
         match &self.head {
             Head::Sentence(h) => {
-                let (enc, z) = self
-                    .net
-                    .forward_t(&batch.input, Positions::Summary, train)?;
+                let (enc, z) = match self.readout {
+                    SentenceReadout::Summary => {
+                        self.net
+                            .forward_t(&batch.input, Positions::Summary, train)?
+                    }
+                    SentenceReadout::Mean => {
+                        let (enc, z) =
+                            self.net.forward_t(&batch.input, Positions::Tokens, train)?;
+                        (enc, masked_mean(&z, &batch.input.pad)?)
+                    }
+                };
                 Ok((enc, h.forward(&z)?))
             }
             Head::Token(h) => {
@@ -480,5 +499,23 @@ impl TextTask {
         }
         score.spans = Some(spans);
         Ok(score)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masked_mean_averages_each_instances_own_positions() {
+        // B = 1, N = 3, L = 3, D = 2; instance 0 keeps 2 positions, 1 keeps 3, 2 is a dummy.
+        let z: Vec<f32> = (0..18).map(|v| v as f32).collect();
+        let z = Tensor::from_vec(z, (1, 3, 3, 2), &Device::Cpu).unwrap();
+        let pad =
+            Tensor::from_vec(vec![0u8, 0, 1, 0, 0, 0, 1, 1, 1], (1, 3, 3), &Device::Cpu).unwrap();
+        let m = masked_mean(&z, &pad).unwrap();
+        assert_eq!(m.dims(), [1, 3, 1, 2]);
+        let got: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got, [1.0, 2.0, 8.0, 9.0, 0.0, 0.0]);
     }
 }
