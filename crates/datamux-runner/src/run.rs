@@ -843,5 +843,7 @@ mod tests {
             dir(&no_drop),
             dir(&["warmup.dropout=0.0", "warmup.lr=0.01"])
         );
+        // The warm-up trains no task head, so the sentence readout does not retrain it either.
+        assert_eq!(dir(&[]), dir(&["model.text.sentence_readout=mean"]));
     }
 }
