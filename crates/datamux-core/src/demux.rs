@@ -389,6 +389,33 @@ impl Demux {
     }
 }
 
+/// The `index` prefix table of a model trained at M instances, grown to N ≥ M: markers `0..M`
+/// and the filler and summary rows (`M`, `M + 1`) are kept, markers `M..N` are taken from
+/// `fresh`, the new model's own initial table. `old` is `(M + 2, D)`, `fresh` `(N + 2, D)`;
+/// the result is `(N + 2, D)`. Used to start a warm-up at N from one at a smaller M (a
+/// curriculum over N): slot i keeps its marker, so what the smaller model learned about
+/// addressing instance i still applies.
+pub fn grow_index_table(old: &Tensor, fresh: &Tensor) -> Result<Tensor> {
+    let (m2, d) = old.dims2()?;
+    let (n2, d2) = fresh.dims2()?;
+    if m2 < 2 || n2 < m2 || d != d2 {
+        candle_core::bail!(
+            "cannot grow an index table of shape {:?} into {:?}",
+            old.shape(),
+            fresh.shape()
+        );
+    }
+    let (m, n) = (m2 - 2, n2 - 2);
+    Tensor::cat(
+        &[
+            old.narrow(0, 0, m)?,       // (M, D) the kept markers
+            fresh.narrow(0, m, n - m)?, // (N - M, D) the new ones
+            old.narrow(0, m, 2)?,       // (2, D) filler, summary
+        ],
+        0,
+    )
+}
+
 /// Prefix rows start at unit scale (normal, std 1): they are muxed next to frontend outputs of
 /// about unit RMS (text embeddings leave a LayerNorm), and in the reference the prefix ids pass
 /// through the same embedding LayerNorm as the tokens. With BERT's 0.02 the markers start ~50x
@@ -430,6 +457,22 @@ fn broadcast_bias(xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn growing_the_index_table_keeps_markers_filler_and_summary() -> Result<()> {
+        let dev = Device::Cpu;
+        // M = 2 -> N = 5, D = 3: row r of `old` is all r, of `fresh` all 10 + r.
+        let rows = |k: usize, base: f32| {
+            let v: Vec<f32> = (0..k).flat_map(|r| [base + r as f32; 3]).collect();
+            Tensor::from_vec(v, (k, 3), &dev)
+        };
+        let grown = grow_index_table(&rows(4, 0.0)?, &rows(7, 10.0)?)?;
+        let firsts: Vec<f32> = grown.narrow(1, 0, 1)?.flatten_all()?.to_vec1()?;
+        // markers 0, 1 kept; markers 2..5 fresh; filler (old row 2) and summary (old row 3) last.
+        assert_eq!(firsts, [0.0, 1.0, 12.0, 13.0, 14.0, 2.0, 3.0]);
+        assert!(grow_index_table(&rows(7, 0.0)?, &rows(4, 0.0)?).is_err());
+        Ok(())
+    }
 
     #[test]
     fn rows_matmul_agrees_with_broadcast_matmul() -> Result<()> {

@@ -147,6 +147,14 @@ pub struct WarmupConfig {
     /// runs that do not use it stay as they were.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dropout: Option<f64>,
+    /// Start the warm-up from the finished warm-up of the same run at this smaller N (a
+    /// curriculum over N; the `index` demultiplexer only): every parameter is copied, the prefix
+    /// table grown (`datamux_core::demux::grow_index_table`). Gaussian keys of the first M slots
+    /// are the same at M and N (one seeded stream), so slots 0..M start already addressable. At
+    /// N = 10, from N = 5, retrieval on validation was 43.4 % after 600 steps against 19.0 % from
+    /// scratch (docs/text-recipe.md). Left out of the serialised settings when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_n: Option<usize>,
 }
 
 impl Default for WarmupConfig {
@@ -159,6 +167,7 @@ impl Default for WarmupConfig {
             lr: 1e-3,
             lr_warmup_steps: 0,
             dropout: None,
+            from_n: None,
         }
     }
 }
@@ -338,6 +347,10 @@ pub struct RunConfig {
     pub warmup: WarmupConfig,
     #[serde(default)]
     pub speed: SpeedConfig,
+    /// The resolved run at `warmup.from_n` whose warm-up this one starts from (set by `load`,
+    /// never written in an experiment file). Part of the hash: a changed source is a new run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_source: Option<Box<RunConfig>>,
 }
 
 impl RunConfig {
@@ -481,6 +494,18 @@ impl RunConfig {
                         ensure!(
                             (0.0..1.0).contains(&p),
                             "warmup.dropout must be in [0, 1), got {p}"
+                        );
+                    }
+                    if let Some(from) = w.from_n {
+                        ensure!(
+                            from >= 1 && from < n,
+                            "warmup.from_n must be in 1..{n} (a smaller N), got {from}"
+                        );
+                        ensure!(
+                            m.demux.kind == DemuxKind::Index,
+                            "warmup.from_n needs the index demultiplexer (the {} one has \
+                             parameters per instance slot)",
+                            m.demux.kind.name()
                         );
                     }
                 }
@@ -844,11 +869,34 @@ fn resolve_run(
     );
     t.insert("seed".into(), toml::Value::Integer(p.seed as i64));
     t.remove("profile");
-    let run: RunConfig = v
+    let mut run: RunConfig = v
         .try_into()
         .with_context(|| format!("{shown}: run {} n={}", p.backbone, p.n))?;
     run.validate()
         .with_context(|| format!("{shown}: run {}", run.run_id()))?;
+    if let (true, Some(from)) = (run.warmup.enabled, run.warmup.from_n) {
+        let at = RunPoint {
+            n: from,
+            warmup: true,
+            ..p.clone()
+        };
+        let source = resolve_run(raw, variants, wire, &at, shown)?.with_context(|| {
+            format!(
+                "{shown}: run {}: warmup.from_n = {from}, but the run at N = {from} is skipped",
+                run.run_id()
+            )
+        })?;
+        // The grown checkpoint must load: same vocabulary, encoder and mux settings.
+        ensure!(
+            source.warmup_run().model.text == run.warmup_run().model.text
+                && source.data == run.data
+                && source.model.mux == run.model.mux,
+            "{shown}: run {}: warmup.from_n = {from}, but the run at N = {from} has other data, \
+             text model or mux settings",
+            run.run_id()
+        );
+        run.warmup_source = Some(Box::new(source));
+    }
     Ok(Some(run))
 }
 

@@ -529,12 +529,17 @@ fn warmup_corpus(
 /// warm-up model's (`RunConfig::warmup_run`), so a fine-tuning dropout does not retrain it.
 fn warmup_dir(run: &RunConfig, env: &RunEnv, tk: &TextTokenizer) -> PathBuf {
     let warm = run.warmup_run();
-    let key = serde_json::json!({
+    let mut key = serde_json::json!({
         "dataset": run.data.dataset, "corpus": run.warmup.corpus, "vocab": tk.vocab_size(),
         "text": warm.model.text, "mux": warm.model.mux, "demux": warm.model.demux,
         "n": run.model.n_instances, "warmup": run.warmup, "seed": run.seed,
         "eval_rows": run.train.eval_rows,
     });
+    // Only when set, so the keys of warm-ups without a source stay as they were.
+    if let Some(source) = &run.warmup_source {
+        let from = warmup_dir(source, env, tk);
+        key["source"] = from.file_name().map(|f| f.to_string_lossy()).into();
+    }
     let hash = datamux_core::init::name_seed(0, &key.to_string());
     env.runs_dir.join("warmup").join(format!(
         "n{}-{}-{hash:016x}",
@@ -586,6 +591,147 @@ impl Drop for Lock {
     }
 }
 
+/// Start `vars` (a model at N instances) from `saved`, the variables of the same model trained at
+/// M <= N: every variable of the same shape is copied, the `index` prefix table is grown
+/// (`demux::grow_index_table`). A variable missing from `saved`, or of another shape, is an error.
+fn grow_from(
+    vars: &[(String, candle_core::Var)],
+    saved: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> Result<()> {
+    for (name, var) in vars {
+        let old = saved
+            .get(name)
+            .with_context(|| format!("the smaller warm-up has no variable `{name}`"))?;
+        let value = if old.shape() == var.shape() {
+            old.clone()
+        } else if name.ends_with("index_embed.weight") {
+            datamux_core::demux::grow_index_table(old, var.as_tensor())?
+        } else {
+            bail!(
+                "cannot start `{name}` {:?} from the smaller warm-up's {:?}",
+                var.shape(),
+                old.shape()
+            );
+        };
+        var.set(&value)?;
+    }
+    Ok(())
+}
+
+/// What every warm-up of one text run shares (the curriculum's smaller warm-ups included).
+struct WarmContext<'a> {
+    env: &'a RunEnv,
+    splits: &'a Splits,
+    tk: &'a TextTokenizer,
+    head: HeadKind,
+    labels: &'a [String],
+    valid: &'a TextData,
+    order: Option<&'a [usize]>,
+}
+
+/// Steps, best step and seconds of a finished warm-up.
+struct Outcome {
+    steps: usize,
+    best: usize,
+    seconds: f64,
+}
+
+/// The retrieval warm-up of `run`: loaded from its checkpoint directory when finished, trained
+/// otherwise (first the warm-up it starts from, `warmup.from_n`, recursively).
+fn warm_up(
+    run: &RunConfig,
+    ctx: &WarmContext<'_>,
+    stage: &str,
+    report: Report<'_>,
+) -> Result<(TextTask, SeededVarMap, Outcome)> {
+    let dir = warmup_dir(run, ctx.env, ctx.tk);
+    let _lock = Lock::acquire(&dir)?;
+    let warm_map = SeededVarMap::new(run.seed);
+    let warm = text_task(
+        &run.warmup_run(),
+        ctx.head,
+        ctx.labels,
+        ctx.tk,
+        (0.0, 1.0),
+        &warm_map,
+    )?;
+    let ckpt = dir.join("model.safetensors");
+    if ckpt.is_file() {
+        report(Tick {
+            stage: stage.into(),
+            pos: 1,
+            len: 1,
+            msg: "reusing checkpoint".into(),
+        });
+        let mut vm = warm_map.varmap().clone();
+        vm.load(&ckpt)
+            .with_context(|| format!("cannot load warm-up checkpoint {}", ckpt.display()))?;
+        let saved = candle_core::safetensors::load(dir.join("buffers.safetensors"), &Device::Cpu)?;
+        warm.net.check_buffers(&saved)?;
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("outcome.json"))?)?;
+        let get = |k: &str| {
+            meta.get(k)
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(f64::NAN)
+        };
+        let out = Outcome {
+            steps: get("steps") as usize,
+            best: get("best_step") as usize,
+            seconds: get("seconds"),
+        };
+        return Ok((warm, warm_map, out));
+    }
+    if let Some(source) = &run.warmup_source {
+        // Locks are taken from larger N to smaller, so two workers cannot wait on each other.
+        let stage = format!("warmup n{}", source.model.n_instances);
+        let (_, source_map, _) = warm_up(source, ctx, &stage, report)?;
+        let saved: std::collections::HashMap<String, candle_core::Tensor> = source_map
+            .sorted_vars()?
+            .into_iter()
+            .map(|(name, var)| (name, var.as_tensor().clone()))
+            .collect();
+        grow_from(&warm_map.sorted_vars()?, &saved)?;
+    }
+    let corpus = warmup_corpus(run, ctx.env, ctx.splits, ctx.tk)?;
+    let w = &run.warmup;
+    let sched = Schedule {
+        steps: w.steps,
+        batch_size: w.batch_size,
+        lr: w.lr,
+        lr_warmup_steps: w.lr_warmup_steps,
+        stage: "warmup",
+        metric: "retrieval_accuracy",
+        ..schedule(run, "retrieval_accuracy")
+    };
+    let out = train::train(
+        &warm,
+        &warm_map,
+        &corpus,
+        ctx.valid,
+        ctx.order,
+        &sched,
+        |p| {
+            report(Tick {
+                stage: stage.into(),
+                pos: p.pos,
+                len: p.len,
+                msg: p.msg.to_string(),
+            })
+        },
+    )?;
+    save_checkpoint(&dir, &warm_map, &warm.net.buffers(), run)?;
+    let meta =
+        serde_json::json!({"steps": out.steps, "best_step": out.best_step, "seconds": out.seconds});
+    std::fs::write(dir.join("outcome.json"), meta.to_string())?;
+    let out = Outcome {
+        steps: out.steps,
+        best: out.best_step,
+        seconds: out.seconds,
+    };
+    Ok((warm, warm_map, out))
+}
+
 fn text_train(
     run: &RunConfig,
     env: &RunEnv,
@@ -610,69 +756,24 @@ fn text_train(
     let weights = (run.train.task_weight, run.train.retrieval_weight);
     let task = text_task(run, head, labels, &tk, weights, &map)?;
     if run.warmup.enabled {
-        let dir = warmup_dir(run, env, &tk);
-        let _lock = Lock::acquire(&dir)?;
-        let warm_map = SeededVarMap::new(run.seed);
-        let warm = text_task(&run.warmup_run(), head, labels, &tk, (0.0, 1.0), &warm_map)?;
-        let ckpt = dir.join("model.safetensors");
-        let (steps, best, seconds) = if ckpt.is_file() {
-            report(Tick {
-                stage: "warmup".into(),
-                pos: 1,
-                len: 1,
-                msg: "reusing checkpoint".into(),
-            });
-            let mut vm = warm_map.varmap().clone();
-            vm.load(&ckpt)
-                .with_context(|| format!("cannot load warm-up checkpoint {}", ckpt.display()))?;
-            let saved =
-                candle_core::safetensors::load(dir.join("buffers.safetensors"), &Device::Cpu)?;
-            warm.net.check_buffers(&saved)?;
-            let meta: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(dir.join("outcome.json"))?)?;
-            let get = |k: &str| {
-                meta.get(k)
-                    .and_then(serde_json::Value::as_f64)
-                    .unwrap_or(f64::NAN)
-            };
-            (
-                get("steps") as usize,
-                get("best_step") as usize,
-                get("seconds"),
-            )
-        } else {
-            let corpus = warmup_corpus(run, env, s, &tk)?;
-            let w = &run.warmup;
-            let sched = Schedule {
-                steps: w.steps,
-                batch_size: w.batch_size,
-                lr: w.lr,
-                lr_warmup_steps: w.lr_warmup_steps,
-                stage: "warmup",
-                metric: "retrieval_accuracy",
-                ..schedule(run, "retrieval_accuracy")
-            };
-            let out = train::train(
-                &warm,
-                &warm_map,
-                &corpus,
-                &valid,
-                order.as_deref(),
-                &sched,
-                |p| {
-                    report(Tick {
-                        stage: "warmup".into(),
-                        pos: p.pos,
-                        len: p.len,
-                        msg: p.msg.to_string(),
-                    })
-                },
-            )?;
-            save_checkpoint(&dir, &warm_map, &warm.net.buffers(), run)?;
-            let meta = serde_json::json!({"steps": out.steps, "best_step": out.best_step, "seconds": out.seconds});
-            std::fs::write(dir.join("outcome.json"), meta.to_string())?;
-            (out.steps, out.best_step, out.seconds)
+        let ctx = WarmContext {
+            env,
+            splits: s,
+            tk: &tk,
+            head,
+            labels,
+            valid: &valid,
+            order: order.as_deref(),
         };
+        let (
+            warm,
+            warm_map,
+            Outcome {
+                steps,
+                best,
+                seconds,
+            },
+        ) = warm_up(run, &ctx, "warmup", report)?;
         for (name, data) in [("validation", &valid), (s.test.split.as_str(), &test)] {
             let score = evaluate(&warm, data, None, run.train.eval_rows, run.seed, |_, _| {})?;
             let only_retrieval = Score {

@@ -282,3 +282,78 @@ fn warm_up_dropout_changes_only_the_warm_up_model() {
         "{err}"
     );
 }
+
+const TEXT: &str = r#"
+name = "t"
+modality = "text"
+[data]
+dataset = "rt-snippets"
+[model]
+backbone = "transformer"
+mux = { kind = "gaussian_hadamard" }
+demux = { kind = "index" }
+[warmup]
+steps = 7
+batch_size = 6
+[train]
+steps = 10
+batch_size = 6
+[sweep]
+n_instances = [1, 3]
+"#;
+
+#[test]
+fn a_warm_up_from_a_smaller_n_carries_that_run() {
+    let dir = tempfile::tempdir().unwrap();
+    // The N = 3 warm-up starts from the N = 1 one, whose own variant (more steps) applies to it.
+    let text = format!(
+        "{TEXT}[[variant]]\nwhen = {{ n_instances = [1] }}\nwarmup = {{ steps = 11 }}\n\
+         [[variant]]\nwhen = {{ n_instances = [3] }}\nwarmup = {{ from_n = 1 }}\n"
+    );
+    let e = config::load(&write(dir.path(), "t", &text), "default", &[]).unwrap();
+    let at = |n: usize| e.runs.iter().find(|r| r.model.n_instances == n).unwrap();
+    assert_eq!(at(1).warmup_source, None);
+    let source = at(3).warmup_source.as_deref().unwrap();
+    assert_eq!(source, at(1));
+    assert_eq!(source.warmup.steps, 11);
+    // The source is part of the settings: a changed source is a new run.
+    let text2 = text.replace("steps = 11", "steps = 13");
+    let e2 = config::load(&write(dir.path(), "t", &text2), "default", &[]).unwrap();
+    let at2 = |n: usize| e2.runs.iter().find(|r| r.model.n_instances == n).unwrap();
+    assert_ne!(at2(3).config_hash(), at(3).config_hash());
+    // Unset, nothing is serialised: older hashes do not move.
+    let json = serde_json::to_string(at(1)).unwrap();
+    assert!(
+        !json.contains("from_n") && !json.contains("warmup_source"),
+        "{json}"
+    );
+
+    // Mistakes: not a smaller N, a demultiplexer with per-slot parameters, a skipped source,
+    // and the resolved field written by hand.
+    let err = |text: &str| {
+        let p = write(dir.path(), "t", text);
+        format!("{:#}", config::load(&p, "default", &[]).unwrap_err())
+    };
+    let e = err(&format!(
+        "{TEXT}[[variant]]\nwhen = {{ n_instances = [3] }}\nwarmup = {{ from_n = 3 }}\n"
+    ));
+    assert!(
+        e.contains("warmup.from_n must be in 1..3 (a smaller N), got 3"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{}[[variant]]\nwhen = {{ n_instances = [3] }}\nwarmup = {{ from_n = 1 }}\n",
+        TEXT.replace("demux = { kind = \"index\" }", "demux = { kind = \"mlp\" }")
+    ));
+    assert!(
+        e.contains("warmup.from_n needs the index demultiplexer"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{TEXT}[[variant]]\nwhen = {{ n_instances = [1] }}\nskip = true\n\
+         [[variant]]\nwhen = {{ n_instances = [3] }}\nwarmup = {{ from_n = 1 }}\n"
+    ));
+    assert!(e.contains("the run at N = 1 is skipped"), "{e}");
+    let e = err(&format!("{TEXT}[warmup_source]\nseed = 1\n"));
+    assert!(e.contains("warmup_source"), "{e}");
+}
