@@ -175,6 +175,14 @@ impl Tables {
         }
         Ok(())
     }
+
+    /// The runs that have rows in either table.
+    fn run_ids(&self) -> BTreeSet<String> {
+        let ids = self.accuracy.iter().map(|r| &r.id);
+        ids.chain(self.speed.iter().map(|r| &r.id))
+            .map(|id| id.run_id.clone())
+            .collect()
+    }
 }
 
 /// A rough cost of a run for scheduling: muxed rows processed over all steps.
@@ -374,7 +382,8 @@ pub fn run(plan: &Plan) -> Result<bool> {
                 exp.profile
             );
         }
-        write_resolved(&dir, exp)?;
+        // Again at the end, when the rows of replaced runs are gone.
+        write_resolved(&dir, exp, &t.run_ids())?;
         std::fs::write(
             dir.join("env.txt"),
             crate::provenance::env_txt(&plan.command),
@@ -432,6 +441,7 @@ pub fn run(plan: &Plan) -> Result<bool> {
     })?;
     let mut ok = true;
     for (exp, t) in plan.experiments.iter().zip(&tables) {
+        write_resolved(&plan.out_dir.join(&exp.name), exp, &t.run_ids())?;
         let ids: BTreeSet<String> = exp.runs.iter().map(RunConfig::run_id).collect();
         let failed: Vec<&AccuracyRow> = t
             .accuracy
@@ -490,8 +500,25 @@ pub fn check_expectations(exp: &Experiment, rows: &[AccuracyRow]) -> Vec<String>
     misses
 }
 
-fn write_resolved(dir: &Path, exp: &Experiment) -> Result<()> {
-    let mut runs = BTreeMap::new();
+/// `resolved.toml`: the settings of every run in the folder's tables and of every run of this
+/// invocation. A table grows over invocations (`--set sweep.*` subsets), so the entries of
+/// earlier runs that still have rows are kept; those of replaced runs are dropped.
+fn write_resolved(dir: &Path, exp: &Experiment, in_tables: &BTreeSet<String>) -> Result<()> {
+    let path = dir.join("resolved.toml");
+    let earlier = match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .parse::<toml::Table>()
+            .with_context(|| format!("{} is not TOML", path.display()))?
+            .remove("runs")
+            .and_then(|r| r.as_table().cloned())
+            .unwrap_or_default(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut runs: BTreeMap<String, toml::Value> = earlier
+        .into_iter()
+        .filter(|(id, _)| in_tables.contains(id))
+        .collect();
     for r in &exp.runs {
         runs.insert(r.run_id(), toml::Value::try_from(r)?);
     }

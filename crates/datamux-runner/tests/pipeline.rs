@@ -192,6 +192,33 @@ fn smoke_profile_end_to_end_with_resume() {
         r.metric.clone()
     ))));
 
+    // A subset of the sweep keeps in resolved.toml the settings of every run with rows in the
+    // tables, not only of the runs it names.
+    edited.extend(["--set", "sweep.n_instances=[1]"]);
+    let subset = datamux(dir, &edited);
+    assert!(subset.status.success(), "{}", stderr(&subset));
+    let resolved: toml::Table = std::fs::read_to_string(dir.join("results/mnist/resolved.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let listed: std::collections::BTreeSet<String> = resolved["runs"]
+        .as_table()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    // The speed rows, not re-timed under --no-speed, still belong to the earlier runs.
+    let speed: Vec<SpeedRow> =
+        results::read_table(&dir.join("results/mnist/speed.parquet")).unwrap();
+    let in_tables: std::collections::BTreeSet<String> = replaced
+        .iter()
+        .map(|r| &r.id)
+        .chain(speed.iter().map(|r| &r.id))
+        .map(|id| id.run_id.clone())
+        .collect();
+    assert_eq!(in_tables.len(), 8, "{in_tables:?}");
+    assert_eq!(listed, in_tables);
+
     // An interrupted sweep: kill it after its first finished run, run again, lose nothing.
     let out = "results-killed";
     let long = [
