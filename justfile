@@ -14,7 +14,7 @@ test:
 check:
     cargo fmt --all --check && cargo clippy --workspace --all-targets --release -- -D warnings
 
-# Run the experiment grid at a profile (quick: 30-45 min on 2 cores; standard: hours) into
+# Run the experiment grid at a profile (quick: ~30 min on 2 cores; standard: hours) into
 # results/ (quick) or results/<profile>/ (the others): one profile per table.
 reproduce profile="quick":
     cargo run --release -p datamux-runner -- run experiments/ --profile {{profile}} --out {{ if profile == "quick" { "results/" } else { "results/" + profile + "/" } }}
