@@ -382,7 +382,6 @@ pub fn run(plan: &Plan) -> Result<bool> {
                 exp.profile
             );
         }
-        // Again at the end, when the rows of replaced runs are gone.
         write_resolved(&dir, exp, &t.run_ids())?;
         std::fs::write(
             dir.join("env.txt"),
@@ -441,6 +440,7 @@ pub fn run(plan: &Plan) -> Result<bool> {
     })?;
     let mut ok = true;
     for (exp, t) in plan.experiments.iter().zip(&tables) {
+        // Again at the end, when the rows of replaced runs are gone.
         write_resolved(&plan.out_dir.join(&exp.name), exp, &t.run_ids())?;
         let ids: BTreeSet<String> = exp.runs.iter().map(RunConfig::run_id).collect();
         let failed: Vec<&AccuracyRow> = t
