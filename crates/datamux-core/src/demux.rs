@@ -17,10 +17,10 @@
 //! are broadcast-added, and the N per-slot MLPs are one `(D, N·D)` matmul.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{self, INIT_RANGE, LayerNorm};
+use crate::layers::{self, INIT_RANGE, LayerNorm, Linear};
 
 /// How the N representations are separated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -296,10 +296,9 @@ impl Demux {
                 let c = rows_matmul(&hs, &w_pos)?; // (B, L', D)
                 let c = broadcast_bias(&c, dense.bias())?;
                 // (B, N, 1, D) + (B, 1, L', D) -> (B, N, L', D)
-                let z = a
-                    .unsqueeze(2)?
-                    .broadcast_add(&c.unsqueeze(1)?)?
-                    .gelu_erf()?;
+                let z = (layers::expand_dim(&a.unsqueeze(2)?, 2, l)?
+                    + layers::expand_dim(&c.unsqueeze(1)?, 1, n)?)?
+                .gelu_erf()?;
                 norm.forward_t(&z, train)
             }
             Inner::Mlp {
@@ -311,15 +310,13 @@ impl Demux {
                 eps,
             } => {
                 let hs = layers::dropout(&hs, *dropout, train)?;
-                let y = hs
-                    .reshape((b * l, d))?
-                    .matmul(weight)?
-                    .broadcast_add(bias)?; // (B·L', N·D)
-                // (B·L', N·D) -> (B, L', N, D) -> (B, N, L', D)
-                let y = y.reshape((b, l, n, d))?.transpose(1, 2)?.gelu_erf()?;
-                let y = layers::normalize(&y, *eps)?;
-                y.broadcast_mul(&norm_weight.reshape((1, n, 1, d))?)?
-                    .broadcast_add(&norm_bias.reshape((1, n, 1, d))?)
+                let y = hs.reshape((b * l, d))?.matmul(weight)?; // (B·L', N·D)
+                let y = layers::add_trailing(&y, bias)?;
+                // (B·L', N·D) -> (B, L', N, D); slot i's scale and shift are row i of (N, D)
+                let y = layers::normalize(&y.reshape((b, l, n, d))?.gelu_erf()?, *eps)?;
+                let y = layers::mul_trailing(&y, norm_weight)?;
+                // (B, L', N, D) -> (B, N, L', D)
+                layers::add_trailing(&y, norm_bias)?.transpose(1, 2)
             }
             Inner::Rsa {
                 keys,
@@ -330,7 +327,10 @@ impl Demux {
                 let (w_key, w_pos) = split_halves(dense1.weight(), d)?;
                 let a = keys.matmul(&w_key.t()?)?.reshape((1, n, 1, d))?; // (1, N, 1, D)
                 let c = broadcast_bias(&rows_matmul(&hs, &w_pos)?, dense1.bias())?; // (B, L', D)
-                let z = a.broadcast_add(&c.unsqueeze(1)?)?.gelu_erf()?; // (B, N, L', D)
+                // (1, N, 1, D) + (B, 1, L', D) -> (B, N, L', D)
+                let a = layers::expand_dim(&a.squeeze(0)?, 1, l)?; // (N, L', D)
+                let z = layers::add_trailing(&layers::expand_dim(&c.unsqueeze(1)?, 1, n)?, &a)?
+                    .gelu_erf()?;
                 let z = z.apply(dense2)?;
                 norm.forward_t(&z, train)
             }
@@ -349,7 +349,7 @@ impl Demux {
                 let (w_prefix, w_pos) = split_halves(dense.weight(), d)?;
                 let p = flat.index_select(&pairs.slot_rows, 0)?; // (K, D)
                 let z = (p.matmul(&w_prefix.t()?)? + hs.matmul(&w_pos.t()?)?)?;
-                let z = z.broadcast_add(require_bias(dense.bias())?)?.gelu_erf()?;
+                let z = broadcast_bias(&z, dense.bias())?.gelu_erf()?;
                 norm.forward_t(&z, train)
             }
             Inner::Mlp {
@@ -362,7 +362,7 @@ impl Demux {
             } => {
                 let n = self.n;
                 let hs = layers::dropout(&hs, *dropout, train)?;
-                let y = hs.matmul(weight)?.broadcast_add(bias)?.reshape((k, n, d))?; // (K, N, D)
+                let y = layers::add_trailing(&hs.matmul(weight)?, bias)?.reshape((k, n, d))?; // (K, N, D)
                 let idx = pairs
                     .slots
                     .reshape((k, 1, 1))?
@@ -382,7 +382,7 @@ impl Demux {
                 let (w_key, w_pos) = split_halves(dense1.weight(), d)?;
                 let kv = keys.index_select(&pairs.slots, 0)?; // (K, D)
                 let z = (kv.matmul(&w_key.t()?)? + hs.matmul(&w_pos.t()?)?)?;
-                let z = z.broadcast_add(require_bias(dense1.bias())?)?.gelu_erf()?;
+                let z = broadcast_bias(&z, dense1.bias())?.gelu_erf()?;
                 norm.forward_t(&z.apply(dense2)?, train)
             }
         }
@@ -450,7 +450,7 @@ fn require_bias(bias: Option<&Tensor>) -> Result<&Tensor> {
 }
 
 fn broadcast_bias(xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    xs.broadcast_add(require_bias(bias)?)
+    layers::add_trailing(xs, require_bias(bias)?)
 }
 
 #[cfg(test)]

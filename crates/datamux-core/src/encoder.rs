@@ -6,12 +6,13 @@
 //! `princeton-nlp/DataMUX` (method.md §6.1). Unlike the reference, muxed padding is masked: a
 //! position is masked only where every instance is padding (method.md §13, difference 2).
 
+use candle_core::Module;
 use candle_core::{DType, Result, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
-use crate::layers::{self, LayerNorm};
+use crate::layers::{self, LayerNorm, Linear};
 use crate::model::Backbone;
 
 /// Encoder sizes, in the Hugging Face vocabulary so ablations line up with `configs/*.json`.

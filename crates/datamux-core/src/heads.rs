@@ -5,9 +5,9 @@
 //! (method.md §4.1).
 
 use candle_core::{Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-use crate::layers;
+use crate::layers::{self, Linear};
 
 /// Sentence (or image) classification: `logits = O·GELU(F·z + f) + o`.
 #[derive(Clone, Debug)]

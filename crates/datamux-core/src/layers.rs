@@ -5,11 +5,18 @@
 //! the fused `ops::layer_norm`, a custom op without a backward pass, so gradients silently vanish
 //! (house-style §2.14). [`LayerNorm::forward_t`] composes the layer norm from primitives when
 //! training and uses the fused kernel only at inference.
+//!
+//! Why [`expand_dim`] and [`Linear`]: candle-core 0.11.1 takes the gradient of a broadcast
+//! operand with a sum over the broadcast dimensions, and a sum over any dimension but the last
+//! runs a scalar loop with two integer divisions per element (`ReduceSum`, its slow path). Every
+//! bias, LayerNorm scale and position table broadcast over the rows of a batch went through it:
+//! 18 % of a text training step in a profile (docs/performance.md). Expanding with a matmul by a
+//! column of ones makes that gradient a matmul too.
 
 use std::cell::RefCell;
 
-use candle_core::{D, Result, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_core::{D, Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -55,9 +62,7 @@ pub fn layer_norm_trainable(
     beta: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    normalize(xs, eps)?
-        .broadcast_mul(gamma)?
-        .broadcast_add(beta)
+    add_trailing(&mul_trailing(&normalize(xs, eps)?, gamma)?, beta)
 }
 
 /// `(x - mean) / sqrt(var + eps)` over the last dimension, without scale and shift.
@@ -66,6 +71,99 @@ pub fn normalize(xs: &Tensor, eps: f64) -> Result<Tensor> {
     let centered = xs.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
     centered.broadcast_div(&(var + eps)?.sqrt()?)
+}
+
+/// `xs` with its size-1 dimension `dim` repeated `size` times, as `broadcast_as` would give,
+/// computed as a matmul by a column of ones so that the gradient of `xs` is a matmul (a
+/// reduction over that dimension in candle would take its slow path; module docs).
+pub fn expand_dim(xs: &Tensor, dim: usize, size: usize) -> Result<Tensor> {
+    let dims = xs.dims();
+    if dims.get(dim) != Some(&1) {
+        candle_core::bail!("expand_dim: dimension {dim} of {:?} is not 1", xs.shape());
+    }
+    let pre: usize = dims[..dim].iter().product();
+    let post: usize = dims[dim + 1..].iter().product();
+    let ones = Tensor::ones((pre, size, 1), xs.dtype(), xs.device())?;
+    // (pre, size, 1) x (pre, 1, post) -> (pre, size, post)
+    let ys = ones.matmul(&xs.contiguous()?.reshape((pre, 1, post))?)?;
+    let mut out = dims.to_vec();
+    out[dim] = size;
+    ys.reshape(out)
+}
+
+/// `b` of shape `S` repeated over the leading dimensions of `shape = (.., S)`.
+fn expand_trailing(b: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    if !shape.ends_with(b.dims()) {
+        candle_core::bail!("cannot expand {:?} to {shape:?}", b.shape());
+    }
+    let m = b.elem_count();
+    let total: usize = shape.iter().product();
+    let rows = total.checked_div(m).unwrap_or(0);
+    // (M) -> (1, M) -> (R, M) -> shape
+    expand_dim(&b.reshape((1, m))?, 0, rows)?.reshape(shape)
+}
+
+/// `xs + b` where `b` has the trailing shape of `xs` (a bias, a shift, a position table); the
+/// same values as `broadcast_add`, with the gradient of `b` as a matmul.
+pub fn add_trailing(xs: &Tensor, b: &Tensor) -> Result<Tensor> {
+    xs + expand_trailing(b, xs.dims())?
+}
+
+/// `xs ⊙ g` where `g` has the trailing shape of `xs`; see [`add_trailing`].
+pub fn mul_trailing(xs: &Tensor, g: &Tensor) -> Result<Tensor> {
+    xs * expand_trailing(g, xs.dims())?
+}
+
+/// A linear layer `(.., in) -> (.., out)`: one 2-D matmul over every row, then the bias through
+/// [`add_trailing`]. candle-nn's `Linear` adds the bias by broadcasting, and falls back to a
+/// batched matmul with a broadcast weight (whose gradient is the slow reduction over the batch)
+/// for inputs that are not contiguous.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// `weight` is `(out, in)`, `bias` `(out)`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+/// candle-nn's constructors (`candle_nn::linear`, its default initialisation) build the weights.
+impl From<candle_nn::Linear> for Linear {
+    fn from(l: candle_nn::Linear) -> Self {
+        Self::new(l.weight().clone(), l.bias().cloned())
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (out, din) = self.weight.dims2()?;
+        let mut dims = xs.dims().to_vec();
+        // (.., in) -> (R, in) -> (R, out) -> (.., out)
+        let ys = xs
+            .contiguous()?
+            .reshape(((), din))?
+            .matmul(&self.weight.t()?)?;
+        let ys = match &self.bias {
+            Some(b) => add_trailing(&ys, b)?,
+            None => ys,
+        };
+        if let Some(last) = dims.last_mut() {
+            *last = out;
+        }
+        ys.reshape(dims)
+    }
 }
 
 /// A linear layer with BERT's initialisation: weights normal(0, 0.02), bias zero.
@@ -156,6 +254,35 @@ mod tests {
             dropout(&xs, 0.3, false)?.sum_all()?.to_scalar::<f32>()?,
             185.0
         );
+        Ok(())
+    }
+
+    /// The matmul expansions give `broadcast_*`'s values and gradients, at odd sizes.
+    #[test]
+    fn matmul_expansions_match_broadcasts() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., (3, 5, 7), &dev)?)?;
+        let b = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., (5, 7), &dev)?)?;
+        let c = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., (3, 1, 7), &dev)?)?;
+        let r = Tensor::randn(0f32, 1., (3, 5, 7), &dev)?;
+        let ours = (add_trailing(&x, &b)? + mul_trailing(&x, &b)? + expand_dim(&c, 1, 5)?)?;
+        let theirs = (x.broadcast_add(&b)? + x.broadcast_mul(&b)? + c.broadcast_as((3, 5, 7))?)?;
+        let (go, gt) = (
+            (&ours * &r)?.sum_all()?.backward()?,
+            (&theirs * &r)?.sum_all()?.backward()?,
+        );
+        let max_diff = |p: &Tensor, q: &Tensor| -> Result<f32> {
+            (p - q)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        assert!(max_diff(&ours, &theirs)? < 1e-5);
+        for v in [&x, &b, &c] {
+            let (p, q) = (go.get(v).unwrap(), gt.get(v).unwrap());
+            assert_eq!(p.dims(), v.dims());
+            assert!(max_diff(p, q)? < 1e-4, "gradient of {:?}", v.shape());
+        }
+        // A trailing shape that does not match is an error, not a silent broadcast.
+        assert!(add_trailing(&x, &c).is_err());
+        assert!(expand_dim(&x, 1, 4).is_err());
         Ok(())
     }
 

@@ -8,12 +8,12 @@
 //! demultiplexed and decoded, so the cost is `K·D·V` for K kept positions, not `N·K·D·V`.
 
 use candle_core::{Device, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::demux::{self, Demux, Pairs};
-use crate::layers;
+use crate::layers::{self, Linear};
 
 /// Sampled retrieval targets of one batch, on the host.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -69,7 +69,7 @@ impl Frontend for TextFrontend {
             .tokens
             .index_select(&input.ids.flatten_all()?, 0)?
             .reshape((b, n, l, self.d))?;
-        let xs = tok.broadcast_add(&self.positions.narrow(0, 0, l)?)?; // + (L, D)
+        let xs = layers::add_trailing(&tok, &self.positions.narrow(0, 0, l)?)?; // + (L, D)
         let xs = match &self.norm {
             Some(norm) => norm.forward_t(&xs, train)?,
             None => xs,

@@ -14,15 +14,18 @@
 //! cross-entropy instead of MSE on ±1 targets.
 //!
 //! The N stems are one grouped convolution (`groups = N`) over the `(B, N·C, H, W)` stack, so no
-//! loop over slots runs in the model code. candle's own convolution is used: an im2col version
-//! built from primitives measured slower in training (its backward pads and adds one full-size
-//! gradient per kernel offset).
+//! loop over slots runs in the model code. Every convolution is [`crate::conv::Conv2d`]: im2col
+//! as a custom op with its adjoint as backward, then matmuls (candle's own convolution trains
+//! slowly on the CPU; an earlier im2col built from primitives was slower still, its backward
+//! padding and adding one full-size gradient per kernel offset).
 
 use candle_core::{Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use datamux_core::layers;
+use datamux_core::layers::{self, Linear};
+
+use crate::conv::Conv2d;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -92,14 +95,14 @@ impl ConvStem {
             ..Default::default()
         };
         Ok(Self {
-            conv1: candle_nn::conv2d(
+            conv1: Conv2d::new(
                 n * channels,
                 n * cfg.stem_hidden,
                 3,
                 grouped,
                 vb.pp("stem1"),
             )?,
-            conv2: candle_nn::conv2d(
+            conv2: Conv2d::new(
                 n * cfg.stem_hidden,
                 n * cfg.stem_channels,
                 3,
@@ -157,8 +160,8 @@ impl Residual {
             ..Default::default()
         };
         Ok(Self {
-            conv1: candle_nn::conv2d(c, c, 3, same, vb.pp("conv1"))?,
-            conv2: candle_nn::conv2d(c, c, 3, same, vb.pp("conv2"))?,
+            conv1: Conv2d::new(c, c, 3, same, vb.pp("conv1"))?,
+            conv2: Conv2d::new(c, c, 3, same, vb.pp("conv2"))?,
         })
     }
 
@@ -198,7 +201,7 @@ impl Cnn {
                         padding: 1,
                         ..Default::default()
                     };
-                    convs.push(candle_nn::conv2d(c_in, c, 3, same, vb.pp("conv"))?);
+                    convs.push(Conv2d::new(c_in, c, 3, same, vb.pp("conv"))?);
                     side /= 2; // max-pool 2
                 }
                 Trunk::Resnet => {
@@ -209,7 +212,7 @@ impl Cnn {
                         stride,
                         ..Default::default()
                     };
-                    convs.push(candle_nn::conv2d(c_in, c, 3, cfg, vb.pp("conv"))?);
+                    convs.push(Conv2d::new(c_in, c, 3, cfg, vb.pp("conv"))?);
                     blocks.push(Residual::new(c, vb.pp("block"))?);
                     if i > 0 {
                         side = side.div_ceil(2);
@@ -232,7 +235,7 @@ impl Cnn {
             trunk,
             convs,
             blocks,
-            out: candle_nn::linear(flat, cfg.hidden_size, vb.pp("out"))?,
+            out: candle_nn::linear(flat, cfg.hidden_size, vb.pp("out"))?.into(),
             side: image_size,
             k: cfg.stem_channels,
             d: cfg.hidden_size,

@@ -11,6 +11,7 @@
 //! runner hands this crate plain Rust inputs (encoded image bytes and label ids), never polars.
 
 pub mod cnn;
+pub mod conv;
 pub mod image;
 pub mod mlp;
 pub mod model;

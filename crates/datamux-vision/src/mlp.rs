@@ -6,10 +6,10 @@
 //! The paper's MLP architecture is unconfirmed (method.md §6.2); this one is ours.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use datamux_core::layers;
+use datamux_core::layers::{self, Linear};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -39,7 +39,7 @@ pub struct PixelEmbedding {
 impl PixelEmbedding {
     pub fn new(cfg: &Config, pixels: usize, vb: VarBuilder<'_>) -> Result<Self> {
         Ok(Self {
-            proj: candle_nn::linear(pixels, cfg.hidden_size, vb.pp("proj"))?,
+            proj: candle_nn::linear(pixels, cfg.hidden_size, vb.pp("proj"))?.into(),
             d: cfg.hidden_size,
         })
     }
@@ -66,7 +66,10 @@ pub struct Mlp {
 impl Mlp {
     pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
         let layers = (0..cfg.num_layers)
-            .map(|i| candle_nn::linear(cfg.hidden_size, cfg.hidden_size, vb.pp("layers").pp(i)))
+            .map(|i| {
+                candle_nn::linear(cfg.hidden_size, cfg.hidden_size, vb.pp("layers").pp(i))
+                    .map(Linear::from)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             layers,

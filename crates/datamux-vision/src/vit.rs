@@ -5,11 +5,11 @@
 //! (method.md §6.1).
 
 use candle_core::{Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use datamux_core::encoder;
-use datamux_core::layers::{self, LayerNorm};
+use datamux_core::layers::{self, LayerNorm, Linear};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -120,7 +120,7 @@ impl PatchEmbedding {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b * n, gh * gw, c * p * p))?;
-        let xs = patches.apply(&self.patch)?.broadcast_add(&self.positions)?; // (B·N, L, D)
+        let xs = layers::add_trailing(&patches.apply(&self.patch)?, &self.positions)?; // (B·N, L, D)
         self.norm
             .forward_t(&xs, train)?
             .reshape((b, n, gh * gw, self.d))

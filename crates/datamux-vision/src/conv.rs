@@ -1,0 +1,295 @@
+//! A 2-D convolution as im2col + one matmul, for training on the CPU.
+//!
+//! Why not `candle_nn::Conv2d` when training: in candle-core 0.11.1 the gradient of a
+//! convolution's input is a `conv_transpose2d`, which the CPU backend runs as a direct loop of
+//! short dot products, and the kernel's gradient a convolution of the whole batch with the
+//! output gradient as kernel. On the MNIST CNN that was about two thirds of a training step
+//! (docs/performance.md). Here the patches are gathered by a custom op ([`Im2Col`]) whose
+//! backward is its adjoint ([`Col2Im`], patches summed back into the image), so every
+//! multiply-add, forward and backward, is a matmul. The parameters are candle-nn's (`weight`
+//! `(C_out, C_in / G, k, k)`, `bias` `(C_out)`, its initialisation), so checkpoints are the same.
+//! Grouped convolutions are one batched matmul over the groups.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use datamux_core::layers;
+
+/// Geometry of a square-kernel convolution on `(C, H, W)` images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Geometry {
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    pad: usize,
+    stride: usize,
+}
+
+impl Geometry {
+    fn out_hw(&self) -> (usize, usize) {
+        let o = |s: usize| (s + 2 * self.pad - self.k) / self.stride + 1;
+        (o(self.h), o(self.w))
+    }
+
+    /// Columns of one patch, `C·k·k`, in the order of a `(C, k, k)` kernel.
+    fn patch(&self) -> usize {
+        self.c * self.k * self.k
+    }
+
+    /// For each (output position, patch column), row-major as `(Ho·Wo, C·k·k)`, the flat
+    /// `(C, H, W)` index it reads, or `u32::MAX` in the padding. Built once per call and shared
+    /// by every image of the batch; both directions use it.
+    fn sources(&self) -> Vec<u32> {
+        let (ho, wo) = self.out_hw();
+        let mut out = Vec::with_capacity(ho * wo * self.patch());
+        for oy in 0..ho {
+            for ox in 0..wo {
+                for c in 0..self.c {
+                    for ky in 0..self.k {
+                        let y = (oy * self.stride + ky).checked_sub(self.pad);
+                        for kx in 0..self.k {
+                            let x = (ox * self.stride + kx).checked_sub(self.pad);
+                            out.push(match (y, x) {
+                                (Some(y), Some(x)) if y < self.h && x < self.w => {
+                                    ((c * self.h + y) * self.w + x) as u32
+                                }
+                                _ => u32::MAX,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn f32_contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: f32 only, got {:?}", storage.dtype());
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: the input must be contiguous"),
+    }
+}
+
+/// `(B, C, H, W) -> (B, Ho·Wo, C·k·k)`: the patch under each output position.
+struct Im2Col(Geometry);
+
+/// The adjoint of [`Im2Col`]: `(B, Ho·Wo, C·k·k) -> (B, C, H, W)`, every patch entry added back
+/// to the pixel it came from.
+struct Col2Im(Geometry);
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let src = f32_contiguous(storage, layout, self.name())?;
+        let (b, c, h, w) = layout.shape().dims4()?;
+        if (c, h, w) != (g.c, g.h, g.w) {
+            candle_core::bail!("im2col built for {:?}, got {:?}", g, layout.shape());
+        }
+        let (ho, wo) = g.out_hw();
+        let per_out = ho * wo * g.patch();
+        let sources = g.sources();
+        let mut dst = Vec::with_capacity(b * per_out);
+        for img in src.chunks_exact(c * h * w) {
+            dst.extend(
+                sources
+                    .iter()
+                    .map(|&at| img.get(at as usize).copied().unwrap_or(0.0)),
+            );
+        }
+        Ok((CpuStorage::F32(dst), Shape::from((b, ho * wo, g.patch()))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Col2Im(self.0))?))
+    }
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let src = f32_contiguous(storage, layout, self.name())?;
+        let (b, p, cols) = layout.shape().dims3()?;
+        let (ho, wo) = g.out_hw();
+        if (p, cols) != (ho * wo, g.patch()) {
+            candle_core::bail!("col2im built for {:?}, got {:?}", g, layout.shape());
+        }
+        let per_img = g.c * g.h * g.w;
+        let sources = g.sources();
+        let mut dst = vec![0f32; b * per_img];
+        for (patches, img) in src
+            .chunks_exact(p * cols)
+            .zip(dst.chunks_exact_mut(per_img))
+        {
+            for (&at, &v) in sources.iter().zip(patches) {
+                if let Some(px) = img.get_mut(at as usize) {
+                    *px += v;
+                }
+            }
+        }
+        Ok((CpuStorage::F32(dst), Shape::from((b, g.c, g.h, g.w))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Im2Col(self.0))?))
+    }
+}
+
+/// A square-kernel 2-D convolution with bias, `(B, C_in, H, W) -> (B, C_out, Ho, Wo)`.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    /// `(C_out, C_in / G, k, k)`.
+    weight: Tensor,
+    bias: Tensor,
+    c_in: usize,
+    k: usize,
+    cfg: Conv2dConfig,
+}
+
+impl Conv2d {
+    /// candle-nn's parameters and initialisation (`candle_nn::conv2d`); dilation 1 only.
+    pub fn new(
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        cfg: Conv2dConfig,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        if cfg.dilation != 1 || cfg.groups == 0 || c_in % cfg.groups != 0 {
+            candle_core::bail!("conv2d: dilation 1 and groups dividing C_in only, got {cfg:?}");
+        }
+        let conv = candle_nn::conv2d(c_in, c_out, k, cfg, vb)?;
+        let bias = conv
+            .bias()
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("conv2d built without a bias".into()))?;
+        Ok(Self {
+            weight: conv.weight().clone(),
+            bias,
+            c_in,
+            k,
+            cfg,
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        if c != self.c_in {
+            candle_core::bail!(
+                "conv2d expects {} channels, got {:?}",
+                self.c_in,
+                xs.shape()
+            );
+        }
+        let geometry = Geometry {
+            c,
+            h,
+            w,
+            k: self.k,
+            pad: self.cfg.padding,
+            stride: self.cfg.stride,
+        };
+        let (ho, wo) = geometry.out_hw();
+        let (c_out, _, _, _) = self.weight.dims4()?;
+        let g = self.cfg.groups;
+        let (patch_g, c_out_g) = (geometry.patch() / g, c_out / g);
+        // (C_out, C/G, k, k) -> (G, C_out/G, C/G·k·k) -> (G, C/G·k·k, C_out/G)
+        let kernel = self
+            .weight
+            .reshape((g, c_out_g, patch_g))?
+            .transpose(1, 2)?;
+        let cols = xs.contiguous()?.apply_op1(Im2Col(geometry))?; // (B, P, C·k·k), P = Ho·Wo
+        let ys = if g == 1 {
+            // (B·P, C·k·k) x (C·k·k, C_out) -> (B·P, C_out)
+            cols.reshape((b * ho * wo, patch_g))?
+                .matmul(&kernel.squeeze(0)?)?
+        } else {
+            // (B, P, G, C/G·k·k) -> (G, B·P, C/G·k·k) x (G, C/G·k·k, C_out/G) -> (G, B·P, C_out/G)
+            let cols = cols
+                .reshape((b * ho * wo, g, patch_g))?
+                .transpose(0, 1)?
+                .contiguous()?;
+            // (G, B·P, C_out/G) -> (B·P, G, C_out/G) -> (B·P, C_out)
+            cols.matmul(&kernel)?
+                .transpose(0, 1)?
+                .reshape((b * ho * wo, c_out))?
+        };
+        // (B·P, C_out) -> (B, P, C_out) -> (B, C_out, P) -> (B, C_out, Ho, Wo)
+        layers::add_trailing(&ys, &self.bias)?
+            .reshape((b, ho * wo, c_out))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, c_out, ho, wo))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// Same values and gradients as candle's convolution, at odd sizes, with groups and strides.
+    #[test]
+    fn matches_candle_conv2d_and_its_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        for (c_in, c_out, groups, stride, pad, side) in [
+            (3, 5, 1, 1, 1, 7),
+            (6, 9, 3, 1, 1, 5),
+            (4, 6, 2, 2, 1, 9),
+            (2, 3, 1, 2, 0, 6),
+        ] {
+            let map = candle_nn::VarMap::new();
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+            let cfg = Conv2dConfig {
+                padding: pad,
+                stride,
+                groups,
+                ..Default::default()
+            };
+            let ours = Conv2d::new(c_in, c_out, 3, cfg, vb.pp("c"))?;
+            // Same variables: the map already holds them.
+            let theirs = candle_nn::conv2d(c_in, c_out, 3, cfg, vb.pp("c"))?;
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, c_in, side, side), &dev)?)?;
+            let (a, b) = (ours.forward(&x)?, theirs.forward(&x)?);
+            assert_eq!(a.dims(), b.dims());
+            let close = |p: &Tensor, q: &Tensor, what: &str| -> Result<()> {
+                let diff = (p - q)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let size = q.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(size > 1e-3, "{what}: degenerate");
+                assert!(
+                    diff <= 1e-4 * size.max(1.0),
+                    "{what}: diff {diff} of {size}"
+                );
+                Ok(())
+            };
+            close(&a, &b, "forward")?;
+            // A loss that weighs every output differently.
+            let r = Tensor::randn(0f32, 1., a.dims(), &dev)?;
+            let (ga, gb) = (
+                (a * &r)?.sum_all()?.backward()?,
+                (b * &r)?.sum_all()?.backward()?,
+            );
+            close(ga.get(&x).unwrap(), gb.get(&x).unwrap(), "input gradient")?;
+            for var in map.all_vars() {
+                let what = format!("gradient of {:?}", var.shape());
+                close(ga.get(&var).unwrap(), gb.get(&var).unwrap(), &what)?;
+            }
+        }
+        Ok(())
+    }
+}
