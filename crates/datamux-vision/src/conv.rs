@@ -1,6 +1,6 @@
 //! A 2-D convolution as im2col + one matmul, for training on the CPU.
 //!
-//! Why not `candle_nn::Conv2d` when training: in candle-core 0.11.1 the gradient of a
+//! Why not `candle_nn::Conv2d` (still used off the CPU or for other dtypes): in candle-core 0.11.1 the gradient of a
 //! convolution's input is a `conv_transpose2d`, which the CPU backend runs as a direct loop of
 //! short dot products, and the kernel's gradient a convolution of the whole batch with the
 //! output gradient as kernel. On the MNIST CNN that was about two thirds of a training step
@@ -204,6 +204,19 @@ impl Module for Conv2d {
             pad: self.cfg.padding,
             stride: self.cfg.stride,
         };
+        if h + 2 * self.cfg.padding < self.k || w + 2 * self.cfg.padding < self.k {
+            candle_core::bail!(
+                "conv2d: {h}x{w} image smaller than its {0}x{0} kernel",
+                self.k
+            );
+        }
+        if !xs.device().is_cpu() || xs.dtype() != candle_core::DType::F32 {
+            // The custom op is CPU / f32 only; candle's convolution elsewhere (a GPU, the paper
+            // profile).
+            let conv =
+                candle_nn::Conv2d::new(self.weight.clone(), Some(self.bias.clone()), self.cfg);
+            return conv.forward(xs);
+        }
         let (ho, wo) = geometry.out_hw();
         let (c_out, _, _, _) = self.weight.dims4()?;
         let g = self.cfg.groups;
@@ -290,6 +303,14 @@ mod tests {
                 close(ga.get(&var).unwrap(), gb.get(&var).unwrap(), &what)?;
             }
         }
+        // An image smaller than the kernel is an error, not an underflow.
+        let map = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let conv = Conv2d::new(1, 2, 3, Conv2dConfig::default(), vb)?;
+        assert!(
+            conv.forward(&Tensor::zeros((1, 1, 2, 2), DType::F32, &dev)?)
+                .is_err()
+        );
         Ok(())
     }
 }
