@@ -325,10 +325,10 @@ impl Demux {
                 norm,
             } => {
                 let (w_key, w_pos) = split_halves(dense1.weight(), d)?;
-                let a = keys.matmul(&w_key.t()?)?.reshape((1, n, 1, d))?; // (1, N, 1, D)
+                let a = keys.matmul(&w_key.t()?)?.reshape((n, 1, d))?; // (N, 1, D)
                 let c = broadcast_bias(&rows_matmul(&hs, &w_pos)?, dense1.bias())?; // (B, L', D)
-                // (1, N, 1, D) + (B, 1, L', D) -> (B, N, L', D)
-                let a = layers::expand_dim(&a.squeeze(0)?, 1, l)?; // (N, L', D)
+                // (N, 1, D) + (B, 1, L', D) -> (B, N, L', D)
+                let a = layers::expand_dim(&a, 1, l)?; // (N, L', D)
                 let z = layers::add_trailing(&layers::expand_dim(&c.unsqueeze(1)?, 1, n)?, &a)?
                     .gelu_erf()?;
                 let z = z.apply(dense2)?;

@@ -148,15 +148,11 @@ impl CustomOp1 for Col2Im {
     }
 }
 
-/// A square-kernel 2-D convolution with bias, `(B, C_in, H, W) -> (B, C_out, Ho, Wo)`.
+/// A square-kernel 2-D convolution with bias, `(B, C_in, H, W) -> (B, C_out, Ho, Wo)`: candle-nn's
+/// layer, whose parameters the CPU path uses as they are.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
-    /// `(C_out, C_in / G, k, k)`.
-    weight: Tensor,
-    bias: Tensor,
-    c_in: usize,
-    k: usize,
-    cfg: Conv2dConfig,
+    inner: candle_nn::Conv2d,
 }
 
 impl Conv2d {
@@ -171,61 +167,50 @@ impl Conv2d {
         if cfg.dilation != 1 || cfg.groups == 0 || c_in % cfg.groups != 0 {
             candle_core::bail!("conv2d: dilation 1 and groups dividing C_in only, got {cfg:?}");
         }
-        let conv = candle_nn::conv2d(c_in, c_out, k, cfg, vb)?;
-        let bias = conv
-            .bias()
-            .cloned()
-            .ok_or_else(|| candle_core::Error::Msg("conv2d built without a bias".into()))?;
         Ok(Self {
-            weight: conv.weight().clone(),
-            bias,
-            c_in,
-            k,
-            cfg,
+            inner: candle_nn::conv2d(c_in, c_out, k, cfg, vb)?,
         })
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if !xs.device().is_cpu() || xs.dtype() != candle_core::DType::F32 {
+            // The custom op is CPU / f32 only; candle's convolution elsewhere (a GPU, the paper
+            // profile).
+            return self.inner.forward(xs);
+        }
+        let cfg = self.inner.config();
+        let weight = self.inner.weight(); // (C_out, C_in / G, k, k)
+        let (c_out, c_in_g, k, _) = weight.dims4()?;
+        let g = cfg.groups;
         let (b, c, h, w) = xs.dims4()?;
-        if c != self.c_in {
+        if c != c_in_g * g {
             candle_core::bail!(
                 "conv2d expects {} channels, got {:?}",
-                self.c_in,
+                c_in_g * g,
                 xs.shape()
             );
         }
+        if h + 2 * cfg.padding < k || w + 2 * cfg.padding < k {
+            candle_core::bail!("conv2d: {h}x{w} image smaller than its {k}x{k} kernel");
+        }
+        let bias = self
+            .inner
+            .bias()
+            .ok_or_else(|| candle_core::Error::Msg("conv2d built without a bias".into()))?;
         let geometry = Geometry {
             c,
             h,
             w,
-            k: self.k,
-            pad: self.cfg.padding,
-            stride: self.cfg.stride,
+            k,
+            pad: cfg.padding,
+            stride: cfg.stride,
         };
-        if h + 2 * self.cfg.padding < self.k || w + 2 * self.cfg.padding < self.k {
-            candle_core::bail!(
-                "conv2d: {h}x{w} image smaller than its {0}x{0} kernel",
-                self.k
-            );
-        }
-        if !xs.device().is_cpu() || xs.dtype() != candle_core::DType::F32 {
-            // The custom op is CPU / f32 only; candle's convolution elsewhere (a GPU, the paper
-            // profile).
-            let conv =
-                candle_nn::Conv2d::new(self.weight.clone(), Some(self.bias.clone()), self.cfg);
-            return conv.forward(xs);
-        }
         let (ho, wo) = geometry.out_hw();
-        let (c_out, _, _, _) = self.weight.dims4()?;
-        let g = self.cfg.groups;
         let (patch_g, c_out_g) = (geometry.patch() / g, c_out / g);
         // (C_out, C/G, k, k) -> (G, C_out/G, C/G·k·k) -> (G, C/G·k·k, C_out/G)
-        let kernel = self
-            .weight
-            .reshape((g, c_out_g, patch_g))?
-            .transpose(1, 2)?;
+        let kernel = weight.reshape((g, c_out_g, patch_g))?.transpose(1, 2)?;
         let cols = xs.contiguous()?.apply_op1(Im2Col(geometry))?; // (B, P, C·k·k), P = Ho·Wo
         let ys = if g == 1 {
             // (B·P, C·k·k) x (C·k·k, C_out) -> (B·P, C_out)
@@ -243,7 +228,7 @@ impl Module for Conv2d {
                 .reshape((b * ho * wo, c_out))?
         };
         // (B·P, C_out) -> (B, P, C_out) -> (B, C_out, P) -> (B, C_out, Ho, Wo)
-        layers::add_trailing(&ys, &self.bias)?
+        layers::add_trailing(&ys, bias)?
             .reshape((b, ho * wo, c_out))?
             .transpose(1, 2)?
             .contiguous()?
