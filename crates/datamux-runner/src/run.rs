@@ -49,6 +49,24 @@ impl Job {
             Self::Train(r) | Self::Speed(r) => r,
         }
     }
+
+    /// The retrieval warm-ups this job trains or loads before anything else: its own, then the
+    /// one it starts from (`warmup.from_n`), recursively. Each is named by its settings (the
+    /// tokenizer aside, which the same data and text settings determine), so two jobs that
+    /// share a warm-up share a name; the scheduler uses them to keep a worker from waiting on a
+    /// warm-up another worker is training.
+    pub fn warmups(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut next = match self {
+            Self::Train(r) if r.modality == Modality::Text && r.warmup.enabled => Some(r),
+            _ => None,
+        };
+        while let Some(r) = next {
+            out.push(warmup_key(r).to_string());
+            next = r.warmup_source.as_deref();
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -528,13 +546,8 @@ fn warmup_corpus(
 /// warm-up settings, seed), reused by every run that shares them. The model settings are the
 /// warm-up model's (`RunConfig::warmup_run`), so a fine-tuning dropout does not retrain it.
 fn warmup_dir(run: &RunConfig, env: &RunEnv, tk: &TextTokenizer) -> PathBuf {
-    let warm = run.warmup_run();
-    let mut key = serde_json::json!({
-        "dataset": run.data.dataset, "corpus": run.warmup.corpus, "vocab": tk.vocab_size(),
-        "text": warm.model.text, "mux": warm.model.mux, "demux": warm.model.demux,
-        "n": run.model.n_instances, "warmup": run.warmup, "seed": run.seed,
-        "eval_rows": run.train.eval_rows,
-    });
+    let mut key = warmup_key(run);
+    key["vocab"] = tk.vocab_size().into();
     // Only when set, so the keys of warm-ups without a source stay as they were.
     if let Some(source) = &run.warmup_source {
         let from = warmup_dir(source, env, tk);
@@ -546,6 +559,18 @@ fn warmup_dir(run: &RunConfig, env: &RunEnv, tk: &TextTokenizer) -> PathBuf {
         run.model.n_instances,
         run.model.mux.kind.name()
     ))
+}
+
+/// The settings a warm-up depends on, its source and tokenizer aside (serde_json's maps are
+/// sorted, so the order of insertion does not change the hash).
+fn warmup_key(run: &RunConfig) -> serde_json::Value {
+    let warm = run.warmup_run();
+    serde_json::json!({
+        "dataset": run.data.dataset, "corpus": run.warmup.corpus,
+        "text": warm.model.text, "mux": warm.model.mux, "demux": warm.model.demux,
+        "n": run.model.n_instances, "warmup": run.warmup, "seed": run.seed,
+        "eval_rows": run.train.eval_rows,
+    })
 }
 
 /// An exclusive lock on a directory, so two workers never train the same warm-up at once. A

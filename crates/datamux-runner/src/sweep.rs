@@ -221,6 +221,51 @@ fn bar_style() -> ProgressStyle {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
 }
 
+/// The jobs left to start, in order, and the retrieval warm-ups each worker's job may still be
+/// training.
+struct Queue {
+    /// (experiment index, job, the job's warm-ups: `Job::warmups`).
+    left: std::collections::VecDeque<(usize, Job, Vec<String>)>,
+    /// Per worker slot.
+    warming: Vec<Vec<String>>,
+}
+
+impl Queue {
+    fn new(list: Vec<(usize, Job)>, slots: usize) -> Self {
+        Self {
+            left: list
+                .into_iter()
+                .map(|(exp, job)| {
+                    let w = job.warmups();
+                    (exp, job, w)
+                })
+                .collect(),
+            warming: vec![Vec::new(); slots],
+        }
+    }
+
+    /// The next job for `slot`: the first that needs no warm-up another worker may be training
+    /// (it would wait on that warm-up's lock with a core idle: the N = 10 warm-up of the
+    /// curriculum starts from the N = 5 one); the first of all when every job left does.
+    fn next(&mut self, slot: usize) -> Option<(usize, Job)> {
+        let warming = &self.warming;
+        let busy = |w: &String| warming.iter().any(|ws| ws.contains(w));
+        let i = self
+            .left
+            .iter()
+            .position(|(_, _, ws)| !ws.iter().any(busy))
+            .unwrap_or(0);
+        let (exp, job, ws) = self.left.remove(i)?;
+        self.warming[slot] = ws;
+        Some((exp, job))
+    }
+
+    /// The job of `slot` is past its warm-ups (or finished).
+    fn warmed_up(&mut self, slot: usize) {
+        self.warming[slot].clear();
+    }
+}
+
 /// Run a list of jobs, `jobs` at a time; results are passed to `on_done` as they finish.
 fn run_jobs(
     list: Vec<(usize, Job)>,
@@ -250,9 +295,7 @@ fn run_jobs(
         })
         .collect();
     let spec_dir = plan.env.runs_dir.join("specs");
-    let queue = std::sync::Arc::new(std::sync::Mutex::new(
-        list.into_iter().collect::<std::collections::VecDeque<_>>(),
-    ));
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(Queue::new(list, jobs)));
     let (tx, rx) = mpsc::channel::<(usize, Message)>();
     let (done_tx, done_rx) = mpsc::channel::<(usize, usize, Job, Result<JobResult>)>();
     let mut handles = Vec::new();
@@ -265,7 +308,7 @@ fn run_jobs(
         let exe = plan.worker_exe.clone();
         handles.push(std::thread::spawn(move || {
             loop {
-                let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+                let next = queue.lock().ok().and_then(|mut q| q.next(slot));
                 let Some((exp, job)) = next else { break };
                 let _ = tx.send((
                     slot,
@@ -292,6 +335,12 @@ fn run_jobs(
             if log_lines && t.msg.contains(" val ") {
                 eprintln!("{} {} {}/{} {}", names[slot], t.stage, t.pos, t.len, t.msg);
             }
+            // A job's warm-ups are finished (trained or loaded) once it trains its task.
+            if t.stage == "train" {
+                if let Ok(mut q) = queue.lock() {
+                    q.warmed_up(slot);
+                }
+            }
             let b = &bars[slot];
             if t.stage == "start" {
                 names[slot] = t.msg.clone();
@@ -305,6 +354,9 @@ fn run_jobs(
         }
         match done_rx.recv_timeout(std::time::Duration::from_millis(100)) {
             Ok((slot, exp, job, r)) => {
+                if let Ok(mut q) = queue.lock() {
+                    q.warmed_up(slot);
+                }
                 let r = r.unwrap_or_else(|e| {
                     failures.push(format!("{}: {e:#}", job.run().run_id()));
                     crate::run::failed_result(&job, &plan.env, &e)
@@ -538,4 +590,49 @@ fn write_resolved(dir: &Path, exp: &Experiment, in_tables: &BTreeSet<String>) ->
     std::fs::write(&tmp, text)?;
     std::fs::rename(tmp, dir.join("resolved.toml"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_does_not_start_a_job_whose_warm_up_another_is_training() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments/text-sentence.toml");
+        let runs = config::load(&path, "smoke", &[]).unwrap().runs;
+        let find = |n: usize, warm: bool| {
+            let r = runs
+                .iter()
+                .find(|r| {
+                    r.data.dataset == "rt-snippets"
+                        && r.model.n_instances == n
+                        && r.warmup.enabled == warm
+                })
+                .unwrap();
+            Job::Train(r.clone())
+        };
+        // The smoke profile's N = 2 warm-up starts from the N = 1 one.
+        let (n2, n1, b1) = (find(2, true), find(1, true), find(1, false));
+        assert_eq!(n2.warmups().len(), 2);
+        assert_eq!(n2.warmups()[1], n1.warmups()[0]);
+        assert!(b1.warmups().is_empty());
+        assert!(Job::Speed(n2.run().clone()).warmups().is_empty());
+        let id = |j: &(usize, Job)| j.1.run().run_id();
+
+        let mut q = Queue::new(vec![(0, n2.clone()), (1, n1.clone()), (2, b1.clone())], 2);
+        assert_eq!(id(&q.next(0).unwrap()), n2.run().run_id());
+        // N = 1's warm-up is being trained by slot 0 (as the source of N = 2's): B1 goes first.
+        assert_eq!(id(&q.next(1).unwrap()), b1.run().run_id());
+        q.warmed_up(1);
+        // When every job left waits on a warm-up, the first goes anyway.
+        assert_eq!(id(&q.next(1).unwrap()), n1.run().run_id());
+        assert!(q.next(0).is_none());
+
+        // Once slot 0 fine-tunes, its warm-ups are finished and block nothing.
+        let mut q = Queue::new(vec![(0, n2.clone()), (1, n1.clone()), (2, b1.clone())], 2);
+        q.next(0);
+        q.warmed_up(0);
+        assert_eq!(id(&q.next(1).unwrap()), n1.run().run_id());
+    }
 }
