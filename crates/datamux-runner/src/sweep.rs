@@ -226,8 +226,8 @@ fn bar_style() -> ProgressStyle {
 struct Queue {
     /// (experiment index, job, the job's warm-ups: `Job::warmups`).
     left: std::collections::VecDeque<(usize, Job, Vec<String>)>,
-    /// Per worker slot.
-    warming: Vec<Vec<String>>,
+    /// Per worker slot: the run id of its job and the warm-ups it may still be training.
+    warming: Vec<(String, Vec<String>)>,
 }
 
 impl Queue {
@@ -240,7 +240,7 @@ impl Queue {
                     (exp, job, w)
                 })
                 .collect(),
-            warming: vec![Vec::new(); slots],
+            warming: vec![(String::new(), Vec::new()); slots],
         }
     }
 
@@ -249,20 +249,23 @@ impl Queue {
     /// curriculum starts from the N = 5 one); the first of all when every job left does.
     fn next(&mut self, slot: usize) -> Option<(usize, Job)> {
         let warming = &self.warming;
-        let busy = |w: &String| warming.iter().any(|ws| ws.contains(w));
+        let busy = |w: &String| warming.iter().any(|(_, ws)| ws.contains(w));
         let i = self
             .left
             .iter()
             .position(|(_, _, ws)| !ws.iter().any(busy))
             .unwrap_or(0);
         let (exp, job, ws) = self.left.remove(i)?;
-        self.warming[slot] = ws;
+        self.warming[slot] = (job.run().run_id(), ws);
         Some((exp, job))
     }
 
-    /// The job of `slot` is past its warm-ups (or finished).
-    fn warmed_up(&mut self, slot: usize) {
-        self.warming[slot].clear();
+    /// The job `run_id` of `slot` is past its warm-ups (or finished). A message of the slot's
+    /// previous job, read after the slot took its next one, names that job and changes nothing.
+    fn warmed_up(&mut self, slot: usize, run_id: &str) {
+        if self.warming[slot].0 == run_id {
+            self.warming[slot].1.clear();
+        }
     }
 }
 
@@ -338,7 +341,7 @@ fn run_jobs(
             // A job's warm-ups are finished (trained or loaded) once it trains its task.
             if t.stage == "train" {
                 if let Ok(mut q) = queue.lock() {
-                    q.warmed_up(slot);
+                    q.warmed_up(slot, &names[slot]);
                 }
             }
             let b = &bars[slot];
@@ -355,7 +358,7 @@ fn run_jobs(
         match done_rx.recv_timeout(std::time::Duration::from_millis(100)) {
             Ok((slot, exp, job, r)) => {
                 if let Ok(mut q) = queue.lock() {
-                    q.warmed_up(slot);
+                    q.warmed_up(slot, &job.run().run_id());
                 }
                 let r = r.unwrap_or_else(|e| {
                     failures.push(format!("{}: {e:#}", job.run().run_id()));
@@ -624,7 +627,7 @@ mod tests {
         assert_eq!(id(&q.next(0).unwrap()), n2.run().run_id());
         // N = 1's warm-up is being trained by slot 0 (as the source of N = 2's): B1 goes first.
         assert_eq!(id(&q.next(1).unwrap()), b1.run().run_id());
-        q.warmed_up(1);
+        q.warmed_up(1, &b1.run().run_id());
         // When every job left waits on a warm-up, the first goes anyway.
         assert_eq!(id(&q.next(1).unwrap()), n1.run().run_id());
         assert!(q.next(0).is_none());
@@ -632,7 +635,10 @@ mod tests {
         // Once slot 0 fine-tunes, its warm-ups are finished and block nothing.
         let mut q = Queue::new(vec![(0, n2.clone()), (1, n1.clone()), (2, b1.clone())], 2);
         q.next(0);
-        q.warmed_up(0);
+        // A late message of another job of slot 0 changes nothing.
+        q.warmed_up(0, &b1.run().run_id());
+        assert_eq!(id(&q.next(1).unwrap()), b1.run().run_id());
+        q.warmed_up(0, &n2.run().run_id());
         assert_eq!(id(&q.next(1).unwrap()), n1.run().run_id());
     }
 }
