@@ -1,7 +1,10 @@
 //! The dataset catalogue: which datasets exist, their kind, columns, labels and locations.
-//! The default catalogue is `catalogue.toml` beside this crate, compiled in.
+//! The built-in catalogue is `catalogue.toml` beside this crate, compiled in; a `catalogue.toml`
+//! in the data directory is read at run time and merged over it (an entry of the same name
+//! replaces the built-in one), so a dataset is added without rebuilding the binary.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use serde::Deserialize;
 
@@ -9,6 +12,9 @@ use crate::error::DataError;
 
 /// The default catalogue, compiled into the binary.
 pub const DEFAULT: &str = include_str!("../catalogue.toml");
+
+/// The name of the catalogue file read from the data directory at run time.
+pub const FILE: &str = "catalogue.toml";
 
 /// What one example of a dataset is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -22,6 +28,9 @@ pub enum Kind {
     TokenClassification,
     /// Raw text lines with no labels (the retrieval warm-up corpus).
     TextCorpus,
+    /// A sequence of fixed-width feature frames (`list<fixed_size_list<float>>`, such as MFCCs)
+    /// and a class label.
+    FrameClassification,
 }
 
 impl Kind {
@@ -31,6 +40,7 @@ impl Kind {
             Self::TextClassification => "text_classification",
             Self::TokenClassification => "token_classification",
             Self::TextCorpus => "text_corpus",
+            Self::FrameClassification => "frame_classification",
         }
     }
 }
@@ -45,6 +55,7 @@ pub struct Columns {
     pub label: Option<String>,
     pub tokens: Option<String>,
     pub tags: Option<String>,
+    pub frames: Option<String>,
 }
 
 /// Where a dataset lives in the local mirror: `<data dir>/<folder>/<file>`.
@@ -103,6 +114,7 @@ impl DatasetEntry {
             Kind::TextClassification => &[("text", &c.text), ("label", &c.label)],
             Kind::TokenClassification => &[("tokens", &c.tokens), ("tags", &c.tags)],
             Kind::TextCorpus => &[("text", &c.text)],
+            Kind::FrameClassification => &[("frames", &c.frames), ("label", &c.label)],
         };
         for (role, col) in needed {
             if col.is_none() {
@@ -146,12 +158,36 @@ struct WireCatalogue {
 #[derive(Debug, Clone)]
 pub struct Catalogue {
     pub datasets: Vec<DatasetEntry>,
+    /// The run-time catalogue file merged over the built-in one, if any (for error messages).
+    pub file: Option<std::path::PathBuf>,
 }
 
 impl Catalogue {
     /// The compiled-in default catalogue.
     pub fn builtin() -> Result<Self, DataError> {
         Self::parse(DEFAULT, "catalogue.toml (built in)")
+    }
+
+    /// The built-in catalogue with `<data_dir>/catalogue.toml` merged over it when that file
+    /// exists: its entries replace built-in ones of the same name and add the rest.
+    pub fn load(data_dir: Option<&Path>) -> Result<Self, DataError> {
+        let mut cat = Self::builtin()?;
+        let Some(path) = data_dir.map(|d| d.join(FILE)).filter(|p| p.is_file()) else {
+            return Ok(cat);
+        };
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|e| DataError::Catalogue {
+            origin: origin.clone(),
+            message: e.to_string(),
+        })?;
+        for entry in Self::parse(&text, &origin)?.datasets {
+            match cat.datasets.iter_mut().find(|d| d.name == entry.name) {
+                Some(d) => *d = entry,
+                None => cat.datasets.push(entry),
+            }
+        }
+        cat.file = Some(path);
+        Ok(cat)
     }
 
     /// Parse and validate TOML; `origin` names the source in errors.
@@ -170,6 +206,7 @@ impl Catalogue {
         }
         Ok(Self {
             datasets: wire.dataset,
+            file: None,
         })
     }
 
@@ -180,6 +217,7 @@ impl Catalogue {
             .ok_or_else(|| DataError::UnknownDataset {
                 name: name.to_string(),
                 known: self.datasets.iter().map(|d| d.name.clone()).collect(),
+                file: self.file.clone(),
             })
     }
 }
@@ -253,6 +291,78 @@ mod tests {
             e.contains("unknown dataset `imagenet`") && e.contains("mnist"),
             "{e}"
         );
+        // It says how to add one without rebuilding.
+        assert!(
+            e.contains("catalogue.toml") && e.contains("[[dataset]]"),
+            "{e}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_catalogue_file_in_the_data_directory_adds_and_replaces_entries() -> Result<(), DataError> {
+        let dir = tempfile::tempdir().map_err(|e| DataError::Catalogue {
+            origin: "tempdir".into(),
+            message: e.to_string(),
+        })?;
+        let file = r#"
+            [[dataset]]
+            name = "digits-copy"
+            kind = "image_classification"
+            columns = { image = "image", label = "label" }
+            labels = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
+            local = { folder = "mnist", files = { test = ["test.parquet"] } }
+
+            [[dataset]]
+            name = "mnist"
+            kind = "image_classification"
+            columns = { image = "image", label = "label" }
+            labels = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
+            local = { folder = "my-mnist", files = { test = ["test.parquet"] } }
+        "#;
+        let builtin = Catalogue::builtin()?;
+        assert_eq!(
+            Catalogue::load(Some(dir.path()))?.datasets,
+            builtin.datasets
+        );
+        std::fs::write(dir.path().join(FILE), file).map_err(|e| DataError::Catalogue {
+            origin: "write".into(),
+            message: e.to_string(),
+        })?;
+        let cat = Catalogue::load(Some(dir.path()))?;
+        assert_eq!(cat.datasets.len(), builtin.datasets.len() + 1);
+        assert!(cat.get("digits-copy").is_ok());
+        let mnist = cat.get("mnist")?;
+        assert_eq!(
+            mnist.local.as_ref().map(|l| l.folder.as_str()),
+            Some("my-mnist")
+        );
+        assert!(
+            mnist.hub.is_none(),
+            "the file's entry replaces the built-in one whole"
+        );
+        // An unknown dataset names the file that was read.
+        let e = cat
+            .get("nope")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains(&dir.path().join(FILE).display().to_string()),
+            "{e}"
+        );
+        // A broken file is an error naming it, never ignored.
+        std::fs::write(dir.path().join(FILE), "[[dataset]]\nname = 3\n").map_err(|e| {
+            DataError::Catalogue {
+                origin: "write".into(),
+                message: e.to_string(),
+            }
+        })?;
+        let e = Catalogue::load(Some(dir.path()))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains(FILE), "{e}");
         Ok(())
     }
 }

@@ -8,14 +8,25 @@ use std::path::PathBuf;
 pub enum DataError {
     #[error("catalogue {origin}: {message}")]
     Catalogue { origin: String, message: String },
-    #[error("unknown dataset `{name}`; the catalogue has: {}", known.join(", "))]
-    UnknownDataset { name: String, known: Vec<String> },
+    #[error(
+        "unknown dataset `{name}`; the catalogue{} has: {}. To add one without rebuilding, put a \
+         [[dataset]] entry in <data dir>/catalogue.toml (docs/extending.md)",
+        file.as_ref().map(|f| format!(" (built in, with {})", f.display())).unwrap_or_default(),
+        known.join(", ")
+    )]
+    UnknownDataset {
+        name: String,
+        known: Vec<String>,
+        file: Option<PathBuf>,
+    },
     #[error("dataset `{dataset}` has no split `{split}`; it has: {}", available.join(", "))]
     UnknownSplit {
         dataset: String,
         split: String,
         available: Vec<String>,
     },
+    #[error("dataset `{dataset}` has neither a validation nor a test split")]
+    NoEvaluationSplit { dataset: String },
     #[error("data directory {} does not exist (set by {origin}); point it at a local mirror such as ../shared/data", path.display())]
     NoDataDir { path: PathBuf, origin: String },
     #[error("dataset `{dataset}` split `{split}` not found; looked for: {}. {hint}", looked.join(", "))]
@@ -86,6 +97,14 @@ pub enum DataError {
         row: usize,
         tokens: usize,
         tags: usize,
+    },
+    #[error("dataset `{dataset}` split `{split}`: row {row} of {}: {message}", path.display())]
+    BadFrames {
+        dataset: String,
+        split: String,
+        path: PathBuf,
+        row: usize,
+        message: String,
     },
     #[error("dataset `{dataset}` split `{split}`: {} has no rows", path.display())]
     EmptySplit {

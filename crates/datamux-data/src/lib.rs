@@ -1,8 +1,10 @@
 //! Datasets for datamux: the catalogue, resolution from a local mirror or the Hugging Face hub,
-//! and Parquet reading through polars into plain Rust columns.
+//! Parquet reading through polars into plain Rust columns, and the splits of a run.
 //!
-//! Nothing here returns a tensor or a polars type: the runner takes [`Examples`] and hands them
-//! to a modality crate, which never links polars.
+//! Nothing here returns a tensor or a polars type. The plain parts (the catalogue, [`Examples`],
+//! [`Splits`]) build without polars: a modality crate depends on this crate with
+//! `default-features = false` and never links it. The `io` feature (on by default) adds reading
+//! and resolution, which the runner uses.
 //!
 //! Resolution order for a split: the local mirror directory (`--data-dir` / `DATAMUX_DATA_DIR`),
 //! then the hf-hub cache (read offline), then a download through hf-hub unless offline
@@ -11,10 +13,16 @@
 
 pub mod catalogue;
 pub mod error;
+pub mod examples;
+#[cfg(feature = "io")]
 pub mod read;
+#[cfg(feature = "io")]
 pub mod resolve;
+pub mod splits;
 
 pub use catalogue::{Catalogue, Columns, DatasetEntry, Kind};
 pub use error::DataError;
-pub use read::{Examples, Split};
-pub use resolve::{Resolver, Source};
+pub use examples::{Examples, Frames, Source, Split};
+#[cfg(feature = "io")]
+pub use resolve::Resolver;
+pub use splits::{Cut, Splits};

@@ -1,6 +1,6 @@
 //! Parquet through polars into plain Rust columns, with every check a user can trip over:
 //! missing file, missing column, wrong dtype, nulls, labels out of range, mismatched tags, empty
-//! split. Errors name the dataset, split, file and row.
+//! split, frames of another width. Errors name the dataset, split, file and row.
 
 use std::path::{Path, PathBuf};
 
@@ -8,94 +8,8 @@ use polars::prelude::{Column, DataFrame, DataType, ParquetReader, SerReader, Ser
 
 use crate::catalogue::{Catalogue, DatasetEntry, Kind};
 use crate::error::DataError;
-use crate::resolve::{self, Resolver, Source};
-
-/// The examples of a split, by dataset kind.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Examples {
-    /// Encoded image bytes (PNG/JPEG) and label ids.
-    Images {
-        images: Vec<Vec<u8>>,
-        labels: Vec<u32>,
-    },
-    /// Sentences, optional second sentences, label ids.
-    Text {
-        texts: Vec<String>,
-        pairs: Option<Vec<String>>,
-        labels: Vec<u32>,
-    },
-    /// Pre-split words and one tag id per word.
-    Tokens {
-        tokens: Vec<Vec<String>>,
-        tags: Vec<Vec<u32>>,
-    },
-    /// Non-empty text lines.
-    Corpus { texts: Vec<String> },
-}
-
-impl Examples {
-    pub fn len(&self) -> usize {
-        match self {
-            Self::Images { labels, .. } | Self::Text { labels, .. } => labels.len(),
-            Self::Tokens { tags, .. } => tags.len(),
-            Self::Corpus { texts } => texts.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The examples at `idx`, in that order.
-    pub fn select(&self, idx: &[usize]) -> Self {
-        fn pick<T: Clone>(v: &[T], idx: &[usize]) -> Vec<T> {
-            idx.iter().map(|i| v[*i].clone()).collect()
-        }
-        match self {
-            Self::Images { images, labels } => Self::Images {
-                images: pick(images, idx),
-                labels: pick(labels, idx),
-            },
-            Self::Text {
-                texts,
-                pairs,
-                labels,
-            } => Self::Text {
-                texts: pick(texts, idx),
-                pairs: pairs.as_ref().map(|p| pick(p, idx)),
-                labels: pick(labels, idx),
-            },
-            Self::Tokens { tokens, tags } => Self::Tokens {
-                tokens: pick(tokens, idx),
-                tags: pick(tags, idx),
-            },
-            Self::Corpus { texts } => Self::Corpus {
-                texts: pick(texts, idx),
-            },
-        }
-    }
-}
-
-/// One loaded split with its provenance.
-#[derive(Debug, Clone)]
-pub struct Split {
-    pub dataset: String,
-    pub split: String,
-    pub source: Source,
-    pub files: Vec<PathBuf>,
-    pub label_names: Vec<String>,
-    pub examples: Examples,
-}
-
-impl Split {
-    pub fn len(&self) -> usize {
-        self.examples.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.examples.is_empty()
-    }
-}
+use crate::examples::{Examples, Frames, Split};
+use crate::resolve::{self, Resolver};
 
 /// Resolve and read `dataset`/`split`.
 pub fn load(
@@ -107,13 +21,14 @@ pub fn load(
     let entry = catalogue.get(dataset)?;
     let resolved = resolver.resolve(entry, split)?;
     let label_names = label_names(entry, resolver)?;
-    let examples = read_files(entry, split, &resolved.files, label_names.len())?;
+    let (examples, rows) = read_files(entry, split, &resolved.files, label_names.len())?;
     Ok(Split {
         dataset: dataset.to_string(),
         split: split.to_string(),
         source: resolved.source,
         files: resolved.files,
         label_names,
+        rows,
         examples,
     })
 }
@@ -226,6 +141,90 @@ impl Ctx<'_> {
         }
     }
 
+    fn frames(&self, row: usize, message: String) -> DataError {
+        DataError::BadFrames {
+            dataset: self.dataset.into(),
+            split: self.split.into(),
+            path: self.path.into(),
+            row,
+            message,
+        }
+    }
+
+    /// A `list<fixed_size_list<float>>` (or `list<list<float>>`) column: one clip of frames a
+    /// row, every frame of every row the same width, at least one frame a clip, no nulls or NaNs.
+    fn frames_column(&self, df: &DataFrame, name: &str) -> Result<Frames, DataError> {
+        const EXPECTED: &str = "list<fixed_size_list<float>>";
+        let col = self.column(df, name)?;
+        let list = col
+            .list()
+            .map_err(|_| self.dtype(name, EXPECTED, col.dtype()))?;
+        let mut dim: Option<usize> = None;
+        let mut values = Vec::with_capacity(list.len());
+        for row in 0..list.len() {
+            let clip = list
+                .get_as_series(row)
+                .ok_or_else(|| self.null(name, row))?;
+            if clip.null_count() > 0 {
+                return Err(self.null(name, row));
+            }
+            // Frames flattened frame-major, and the width of each.
+            let (flat, width) = match clip.dtype() {
+                DataType::Array(_, width) => {
+                    let a = clip.array().map_err(|e| self.parquet(e.to_string()))?;
+                    (a.get_inner(), *width)
+                }
+                DataType::List(_) => {
+                    let frames = clip.list().map_err(|e| self.parquet(e.to_string()))?;
+                    let lens: Vec<usize> = (0..frames.len())
+                        .map(|f| frames.get_as_series(f).map_or(0, |s| s.len()))
+                        .collect();
+                    let width = lens.first().copied().unwrap_or(0);
+                    if let Some(f) = lens.iter().position(|l| *l != width) {
+                        return Err(self.frames(
+                            row,
+                            format!("frame {f} has {} values, frame 0 has {width}", lens[f]),
+                        ));
+                    }
+                    (frames.get_inner(), width)
+                }
+                other => return Err(self.dtype(name, EXPECTED, other)),
+            };
+            if !flat.dtype().is_float() {
+                return Err(self.dtype(name, EXPECTED, col.dtype()));
+            }
+            if width == 0 || flat.is_empty() {
+                return Err(
+                    self.frames(row, "the clip has no frames (or frames of width 0)".into())
+                );
+            }
+            match dim {
+                Some(d) if d != width => {
+                    return Err(
+                        self.frames(row, format!("frames of {width} values, but row 0 has {d}"))
+                    );
+                }
+                _ => dim = Some(width),
+            }
+            let cast = flat
+                .cast(&DataType::Float32)
+                .map_err(|e| self.parquet(e.to_string()))?;
+            let ca = cast.f32().map_err(|e| self.parquet(e.to_string()))?;
+            let clip: Vec<f32> = ca
+                .iter()
+                .map(|v| v.ok_or_else(|| self.null(name, row)))
+                .collect::<Result<_, _>>()?;
+            if clip.iter().any(|v| !v.is_finite()) {
+                return Err(self.frames(row, "a frame holds a NaN or an infinity".into()));
+            }
+            values.push(clip);
+        }
+        Ok(Frames {
+            dim: dim.unwrap_or(0),
+            values,
+        })
+    }
+
     fn column<'d>(&self, df: &'d DataFrame, name: &str) -> Result<&'d Column, DataError> {
         df.column(name).map_err(|_| self.missing(name, df))
     }
@@ -283,21 +282,24 @@ fn role(name: &Option<String>) -> &str {
     name.as_deref().unwrap_or_default()
 }
 
-/// Read and check the files of one split; `num_labels` bounds label and tag ids.
+/// Read and check the files of one split; `num_labels` bounds label and tag ids. Also returns
+/// the `(file, row)` each example was read from.
 pub fn read_files(
     entry: &DatasetEntry,
     split: &str,
     files: &[PathBuf],
     num_labels: usize,
-) -> Result<Examples, DataError> {
+) -> Result<(Examples, Vec<(usize, usize)>), DataError> {
     let mut out: Option<Examples> = None;
-    for path in files {
+    let mut rows = Vec::new();
+    for (file, path) in files.iter().enumerate() {
         let ctx = Ctx {
             dataset: &entry.name,
             split,
             path,
         };
-        let part = read_one(entry, &ctx, num_labels)?;
+        let (part, part_rows) = read_one(entry, &ctx, num_labels)?;
+        rows.extend(part_rows.into_iter().map(|r| (file, r)));
         out = Some(match (out, part) {
             (None, p) => p,
             (Some(Examples::Corpus { mut texts }), Examples::Corpus { texts: more }) => {
@@ -356,11 +358,34 @@ pub fn read_files(
                 tags.extend(g);
                 Examples::Tokens { tokens, tags }
             }
+            (
+                Some(Examples::Frames {
+                    mut frames,
+                    mut labels,
+                }),
+                Examples::Frames {
+                    frames: f,
+                    labels: l,
+                },
+            ) => {
+                if f.dim != frames.dim {
+                    return Err(ctx.frames(
+                        0,
+                        format!(
+                            "frames of {} values, but the split's first file has {}",
+                            f.dim, frames.dim
+                        ),
+                    ));
+                }
+                frames.values.extend(f.values);
+                labels.extend(l);
+                Examples::Frames { frames, labels }
+            }
             (Some(_), _) => return Err(ctx.parquet("files of one split disagree in kind".into())),
         });
     }
     match out {
-        Some(ex) if !ex.is_empty() => Ok(ex),
+        Some(ex) if !ex.is_empty() => Ok((ex, rows)),
         _ => Err(DataError::EmptySplit {
             dataset: entry.name.clone(),
             split: split.to_string(),
@@ -369,7 +394,12 @@ pub fn read_files(
     }
 }
 
-fn read_one(entry: &DatasetEntry, ctx: &Ctx<'_>, num_labels: usize) -> Result<Examples, DataError> {
+/// One file's examples and the file row of each.
+fn read_one(
+    entry: &DatasetEntry,
+    ctx: &Ctx<'_>,
+    num_labels: usize,
+) -> Result<(Examples, Vec<usize>), DataError> {
     if !ctx.path.is_file() {
         return Err(ctx.parquet("no such file".into()));
     }
@@ -381,6 +411,7 @@ fn read_one(entry: &DatasetEntry, ctx: &Ctx<'_>, num_labels: usize) -> Result<Ex
         .finish()
         .map_err(|e| ctx.parquet(e.to_string()))?;
     let c = &entry.columns;
+    let all = |n: usize| (0..n).collect::<Vec<_>>();
     match entry.kind {
         Kind::ImageClassification => {
             let name = role(&c.image);
@@ -409,7 +440,8 @@ fn read_one(entry: &DatasetEntry, ctx: &Ctx<'_>, num_labels: usize) -> Result<Ex
                 num_labels,
                 "label",
             )?;
-            Ok(Examples::Images { images, labels })
+            let rows = all(labels.len());
+            Ok((Examples::Images { images, labels }, rows))
         }
         Kind::TextClassification => {
             let texts = ctx.strings(&df, role(&c.text))?;
@@ -426,11 +458,15 @@ fn read_one(entry: &DatasetEntry, ctx: &Ctx<'_>, num_labels: usize) -> Result<Ex
                 num_labels,
                 "label",
             )?;
-            Ok(Examples::Text {
-                texts,
-                pairs,
-                labels,
-            })
+            let rows = all(labels.len());
+            Ok((
+                Examples::Text {
+                    texts,
+                    pairs,
+                    labels,
+                },
+                rows,
+            ))
         }
         Kind::TokenClassification => {
             let (tname, gname) = (role(&c.tokens), role(&c.tags));
@@ -472,16 +508,31 @@ fn read_one(entry: &DatasetEntry, ctx: &Ctx<'_>, num_labels: usize) -> Result<Ex
                 tokens.push(words);
                 tags.push(ids);
             }
-            Ok(Examples::Tokens { tokens, tags })
+            let rows = all(tags.len());
+            Ok((Examples::Tokens { tokens, tags }, rows))
         }
         Kind::TextCorpus => {
             // WikiText separates articles with empty lines; they carry no tokens.
-            let texts = ctx
+            let (rows, texts) = ctx
                 .strings(&df, role(&c.text))?
                 .into_iter()
-                .filter(|t| !t.trim().is_empty())
-                .collect();
-            Ok(Examples::Corpus { texts })
+                .enumerate()
+                .filter(|(_, t)| !t.trim().is_empty())
+                .unzip();
+            Ok((Examples::Corpus { texts }, rows))
+        }
+        Kind::FrameClassification => {
+            let frames = ctx.frames_column(&df, role(&c.frames))?;
+            let lname = role(&c.label);
+            let labels = ctx.ids(
+                ctx.column(&df, lname)?.as_materialized_series(),
+                lname,
+                None,
+                num_labels,
+                "label",
+            )?;
+            let rows = all(labels.len());
+            Ok((Examples::Frames { frames, labels }, rows))
         }
     }
 }

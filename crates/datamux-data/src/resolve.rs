@@ -7,23 +7,7 @@ use hf_hub::{Cache, Repo, RepoType};
 
 use crate::catalogue::DatasetEntry;
 use crate::error::DataError;
-
-/// Where a split's files came from, recorded in the results tables.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
-    Local { folder: PathBuf },
-    Hub { repo: String, revision: String },
-}
-
-impl Source {
-    /// A short description for the `data_source` column: `local:<folder>` or `hub:<repo>@<rev>`.
-    pub fn describe(&self) -> String {
-        match self {
-            Self::Local { folder } => format!("local:{}", folder.display()),
-            Self::Hub { repo, revision } => format!("hub:{repo}@{revision}"),
-        }
-    }
-}
+use crate::examples::Source;
 
 /// The files of one split and where they were found.
 #[derive(Debug, Clone)]

@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use datamux_data::read::{self, Examples};
-use datamux_data::{Catalogue, DataError, Resolver, Source};
+use datamux_data::read;
+use datamux_data::{Catalogue, DataError, Examples, Resolver, Source};
 use polars::prelude::{Column, DataFrame, IntoColumn, NamedFrom, ParquetWriter, Series};
 
 fn mirror() -> PathBuf {
@@ -260,4 +260,111 @@ fn bad_files_give_errors_naming_column_row_and_path() {
         .expect_err("csv under a parquet name")
         .to_string();
     assert!(e.contains("not a Parquet file"), "{e}");
+}
+
+/// The spoken-digits fixture under its mirror schema: `mfcc` list<fixed_size_list<float>[13]>.
+fn frames_catalogue() -> Catalogue {
+    Catalogue::parse(
+        r#"[[dataset]]
+name = "digits"
+kind = "frame_classification"
+columns = { frames = "mfcc", label = "label" }
+labels = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
+local = { folder = "spoken-digits", files = { train = ["train.parquet"], test = ["test.parquet"] } }"#,
+        "test",
+    )
+    .unwrap()
+}
+
+#[test]
+fn frame_sequences_are_read_as_plain_frames() -> Result<(), DataError> {
+    let split = read::load(&frames_catalogue(), &local(&mirror()), "digits", "train")?;
+    let Examples::Frames { frames, labels } = &split.examples else {
+        panic!("not frames")
+    };
+    assert_eq!(
+        (frames.dim, frames.values.len(), labels.len()),
+        (13, 200, 200)
+    );
+    // 6 to 92 frames a clip in the mirror's README.
+    for i in 0..frames.values.len() {
+        assert!((6..=92).contains(&frames.frames(i)), "clip {i}");
+        assert_eq!(frames.values[i].len() % 13, 0);
+    }
+    assert!(labels.iter().all(|l| *l < 10));
+    assert_eq!(split.origin(7), "train.parquet row 7");
+    Ok(())
+}
+
+#[test]
+fn bad_frames_name_the_row_and_the_expected_type() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = local(tmp.path());
+    let cat = one_dataset(
+        "frame_classification",
+        r#"{ frames = "mfcc", label = "label" }"#,
+    );
+    let label = |v: &[i64]| Series::new("label".into(), v).into_column();
+    let f = |v: &[f32]| Series::new("".into(), v);
+    // A list of floats is one frame per value, not a sequence of frames.
+    let flat = Series::new("mfcc".into(), [f(&[1.0, 2.0]), f(&[3.0])]).into_column();
+    write(
+        tmp.path(),
+        "bad",
+        "train.parquet",
+        vec![flat, label(&[0, 1])],
+    );
+    let e = read::load(&cat, &r, "bad", "train")
+        .expect_err("flat list")
+        .to_string();
+    assert!(
+        e.contains("column `mfcc`") && e.contains("list<fixed_size_list<float>>"),
+        "{e}"
+    );
+    // Frames of two widths in one clip.
+    let clip =
+        |frames: &[&[f32]]| Series::new("".into(), frames.iter().map(|v| f(v)).collect::<Vec<_>>());
+    let ragged = Series::new(
+        "mfcc".into(),
+        [
+            clip(&[&[1.0, 2.0], &[3.0, 4.0]]),
+            clip(&[&[1.0, 2.0], &[3.0]]),
+        ],
+    )
+    .into_column();
+    write(
+        tmp.path(),
+        "bad",
+        "train.parquet",
+        vec![ragged, label(&[0, 1])],
+    );
+    let e = read::load(&cat, &r, "bad", "train")
+        .expect_err("ragged")
+        .to_string();
+    assert!(
+        e.contains("row 1") && e.contains("frame 1 has 1 values"),
+        "{e}"
+    );
+    // Rows of different widths.
+    let widths = Series::new(
+        "mfcc".into(),
+        [clip(&[&[1.0, 2.0]]), clip(&[&[1.0, 2.0, 3.0]])],
+    )
+    .into_column();
+    write(
+        tmp.path(),
+        "bad",
+        "train.parquet",
+        vec![widths, label(&[0, 1])],
+    );
+    let e = read::load(&cat, &r, "bad", "train")
+        .expect_err("widths")
+        .to_string();
+    assert!(e.contains("row 1") && e.contains("row 0 has 2"), "{e}");
+    let nan = Series::new("mfcc".into(), [clip(&[&[1.0, f32::NAN]])]).into_column();
+    write(tmp.path(), "bad", "train.parquet", vec![nan, label(&[0])]);
+    let e = read::load(&cat, &r, "bad", "train")
+        .expect_err("NaN")
+        .to_string();
+    assert!(e.contains("row 0") && e.contains("NaN"), "{e}");
 }

@@ -19,11 +19,12 @@ use datamux_text::task::{HeadKind, SentenceData, TextData, TextTask};
 use datamux_vision::{Arch, ImageData, ImageSpec, ImageTask};
 use rand::Rng;
 
-use crate::config::SpeedConfig;
+use datamux_pipeline::SpeedConfig;
+use datamux_pipeline::speed::{self, Timing, batch_slots};
+
 use crate::provenance::Provenance;
 use crate::report::ideal_speedup;
-use crate::results::{self, Identity, SpeedRow};
-use crate::speed::{self, Timing, batch_slots};
+use crate::results::{self, Identity, SpeedRow, Status};
 
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -74,7 +75,7 @@ fn identity(backbone: &str, size: &str, n: usize, demux: &str) -> Identity {
         ..Identity::default()
     }
     .with_provenance(&Provenance::current())
-    .with_status("ok", "")
+    .with_status(Status::Ok, "")
 }
 
 fn row(id: &Identity, mode: &str, seq_len: usize, t: &Timing) -> SpeedRow {
@@ -116,8 +117,8 @@ struct Point {
     label: String,
     n: usize,
     seq_len: usize,
-    demux: &'static str,
-    backbone: &'static str,
+    /// Both models use the index demultiplexer on a sequence backbone.
+    demux: DemuxKind,
     throughput: f64,
     stages: Vec<(&'static str, f64)>,
     train_ms: Option<f64>,
@@ -292,8 +293,7 @@ fn text_point(size: Size, n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>)
         label: format!("text {}", size_name(size)),
         n,
         seq_len: cfg.seq_len,
-        demux: "index",
-        backbone: "transformer",
+        demux: DemuxKind::Index,
         throughput: full.throughput(),
         stages,
         train_ms,
@@ -341,8 +341,7 @@ fn vit_point(n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>) -> Result<Po
         label: "mnist vit".into(),
         n,
         seq_len: seq,
-        demux: "index",
-        backbone: "vit",
+        demux: DemuxKind::Index,
         throughput: full.throughput(),
         stages,
         train_ms: None,
@@ -410,7 +409,7 @@ fn table(points: &[Point], cfg: &BenchConfig) -> String {
     for p in points {
         let base = points.iter().find(|b| b.label == p.label && b.n == 1);
         let speedup = base.map(|b| p.throughput / b.throughput);
-        let ideal = ideal_speedup(p.n as i64, p.seq_len as i64, p.demux, p.backbone);
+        let ideal = ideal_speedup(p.n, p.seq_len, p.demux, true);
         let stage = |name: &str| {
             p.stages
                 .iter()

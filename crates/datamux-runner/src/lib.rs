@@ -1,14 +1,14 @@
-//! The `datamux` runner: experiment files, the one training loop, evaluation, the speed
-//! harness, the Parquet tables and the report. The binary (`main.rs`) is a thin clap layer over
-//! this library, which the integration tests drive directly.
+//! The `datamux` runner: experiment files, sweeps of worker processes, the Parquet tables, the
+//! report and the bench. Modalities plug in through `datamux_pipeline::Modality`, registered in
+//! [`registry`]; the training loop, evaluation and speed harness they use live in
+//! `datamux-pipeline`. The binary (`main.rs`) is a thin clap layer over this library, which the
+//! integration tests drive directly.
 
 pub mod bench;
 pub mod config;
-pub mod eval;
+pub mod job;
 pub mod provenance;
+pub mod registry;
 pub mod report;
 pub mod results;
-pub mod run;
-pub mod speed;
 pub mod sweep;
-pub mod train;

@@ -4,8 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
-use datamux_runner::run::{Job, RunEnv, Tick};
+use clap::{Parser, Subcommand, ValueEnum};
+use datamux_data::Catalogue;
+use datamux_pipeline::{Env, SpeedConfig, Tick};
+use datamux_runner::job::Job;
 use datamux_runner::sweep::{self, Message, Plan};
 use datamux_runner::{config, report};
 
@@ -22,6 +24,24 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// Sizes of the bench's text model (`datamux_text::Size` presets).
+#[derive(Clone, Copy, ValueEnum)]
+enum BenchSize {
+    Tiny,
+    Small,
+    Base,
+}
+
+impl From<BenchSize> for datamux_text::Size {
+    fn from(s: BenchSize) -> Self {
+        match s {
+            BenchSize::Tiny => Self::Tiny,
+            BenchSize::Small => Self::Small,
+            BenchSize::Base => Self::Base,
+        }
+    }
 }
 
 #[derive(clap::Args, Clone)]
@@ -76,6 +96,8 @@ enum Cmd {
         paths: Vec<PathBuf>,
         #[arg(long, default_value = "quick")]
         profile: String,
+        #[command(flatten)]
+        data: DataArgs,
     },
     /// Write results/<experiment>/README.md and plots from the Parquet tables.
     Report {
@@ -91,9 +113,9 @@ enum Cmd {
     /// Inference throughput of the sentence MuxNet (small, base; L = 128) and the MNIST ViT
     /// for every N, with a per-stage breakdown and a training step; rows into <out>/bench/.
     Bench {
-        /// Sizes of the text model: small, base.
-        #[arg(long, value_delimiter = ',', default_value = "small,base")]
-        sizes: Vec<String>,
+        /// Sizes of the text model.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "small,base")]
+        sizes: Vec<BenchSize>,
         #[arg(long, value_delimiter = ',', default_value = "1,2,5,10,20,40")]
         n: Vec<usize>,
         #[arg(long, default_value_t = 128)]
@@ -134,9 +156,9 @@ fn command_line() -> String {
     out.join(" ")
 }
 
-fn env_for(data: &DataArgs, profile: &str) -> Result<RunEnv> {
+fn env_for(data: &DataArgs, profile: &str) -> Result<Env> {
     let root = std::env::current_dir()?;
-    Ok(RunEnv {
+    Ok(Env {
         data_dir: data.data_dir.clone(),
         offline: data.offline,
         runs_dir: root.join("runs"),
@@ -145,10 +167,12 @@ fn env_for(data: &DataArgs, profile: &str) -> Result<RunEnv> {
     })
 }
 
-fn check_data_dir(data: &DataArgs) -> Result<()> {
-    // A missing mirror is reported once, up front, rather than as an unavailable row per run.
-    datamux_data::Resolver::from_env(data.data_dir.clone(), data.offline)?;
-    Ok(())
+/// The catalogue of the data directory (the built-in one, with `<data dir>/catalogue.toml`
+/// merged over it). A missing mirror is reported once, up front, rather than as an unavailable
+/// row per run.
+fn catalogue(data: &DataArgs) -> Result<Catalogue> {
+    let resolver = datamux_data::Resolver::from_env(data.data_dir.clone(), data.offline)?;
+    Ok(Catalogue::load(resolver.data_dir.as_deref())?)
 }
 
 fn main() -> ExitCode {
@@ -188,8 +212,8 @@ fn real_main() -> Result<bool> {
                 .iter()
                 .map(|s| config::parse_override(s))
                 .collect::<Result<Vec<_>>>()?;
-            let experiments = sweep::load_experiments(&paths, &profile, &overrides)?;
-            check_data_dir(&data)?;
+            let experiments =
+                sweep::load_experiments(&paths, &profile, &overrides, &catalogue(&data)?)?;
             let cores = std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1);
@@ -213,13 +237,12 @@ fn real_main() -> Result<bool> {
             Ok(ok)
         }
         Cmd::Verify { paths, data } => {
-            let experiments = sweep::load_experiments(&paths, "smoke", &[])?;
-            check_data_dir(&data)?;
+            let experiments = sweep::load_experiments(&paths, "smoke", &[], &catalogue(&data)?)?;
             let tmp = std::env::temp_dir().join(format!("datamux-verify-{}", std::process::id()));
             let plan = Plan {
                 experiments,
                 out_dir: tmp.clone(),
-                env: RunEnv {
+                env: Env {
                     runs_dir: tmp.join("runs"),
                     ..env_for(&data, "smoke")?
                 },
@@ -240,8 +263,12 @@ fn real_main() -> Result<bool> {
             );
             Ok(ok)
         }
-        Cmd::Check { paths, profile } => {
-            for e in sweep::load_experiments(&paths, &profile, &[])? {
+        Cmd::Check {
+            paths,
+            profile,
+            data,
+        } => {
+            for e in sweep::load_experiments(&paths, &profile, &[], &catalogue(&data)?)? {
                 println!(
                     "{}: {} run(s) at profile {}",
                     e.name,
@@ -264,22 +291,14 @@ fn real_main() -> Result<bool> {
             no_vit,
             out,
         } => {
-            let sizes = sizes
-                .iter()
-                .map(|s| match s.as_str() {
-                    "tiny" => Ok(datamux_text::Size::Tiny),
-                    "small" => Ok(datamux_text::Size::Small),
-                    "base" => Ok(datamux_text::Size::Base),
-                    other => anyhow::bail!("unknown size `{other}`; expected tiny, small or base"),
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let sizes: Vec<datamux_text::Size> = sizes.into_iter().map(Into::into).collect();
             anyhow::ensure!(n.iter().all(|n| *n >= 1), "every N must be at least 1");
             anyhow::ensure!(
                 rows >= 1 && vit_rows >= 1 && train_instances >= 1,
                 "--rows, --vit-rows and --train-instances must be at least 1"
             );
             let max_n = n.iter().copied().max().unwrap_or(1);
-            let timing = |rows: usize, instances: Option<usize>| -> Result<config::SpeedConfig> {
+            let timing = |rows: usize, instances: Option<usize>| -> Result<SpeedConfig> {
                 let instances = instances.unwrap_or(rows * max_n);
                 // Every N must run whole calls of `rows` rows, or N's calls would differ in shape.
                 if let Some(bad) = n.iter().find(|&&k| instances % (rows * k) != 0) {
@@ -289,7 +308,7 @@ fn real_main() -> Result<bool> {
                         rows * max_n
                     );
                 }
-                Ok(config::SpeedConfig {
+                Ok(SpeedConfig {
                     batch_instances: instances,
                     rows_per_call: Some(rows),
                     warmup_iters: 1,
@@ -331,14 +350,14 @@ fn real_main() -> Result<bool> {
         Cmd::Worker { spec } => {
             let text = std::fs::read_to_string(&spec)
                 .with_context(|| format!("cannot read {}", spec.display()))?;
-            let (job, env): (Job, RunEnv) = serde_json::from_str(&text)?;
+            let (job, env): (Job, Env) = serde_json::from_str(&text)?;
             let emit = |m: &Message| {
                 if let Ok(line) = serde_json::to_string(m) {
                     println!("{line}");
                 }
             };
             let mut report = |t: Tick| emit(&Message::Tick(t));
-            let result = datamux_runner::run::execute(&job, &env, &mut report);
+            let result = datamux_runner::job::execute(&job, &env, &mut report);
             emit(&Message::Done(Box::new(result)));
             Ok(true)
         }

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 
-use crate::results::{self, AccuracyRow, SpeedRow};
+use datamux_core::DemuxKind;
+
+use crate::registry;
+use crate::results::{self, AccuracyRow, SpeedRow, Status};
 
 /// A series of the plots: one model family across N.
 type Series = (String, String, String, String); // (backbone, model_size, mux, demux)
@@ -44,7 +47,7 @@ fn table(
     let mut acc: BTreeMap<(Series, bool, i64), (f64, usize)> = BTreeMap::new();
     for r in rows
         .iter()
-        .filter(|r| r.id.status == "ok" && r.split == split && r.metric == metric)
+        .filter(|r| r.id.status == Status::Ok && r.split == split && r.metric == metric)
     {
         let e = acc
             .entry((series_of(&r.id), r.id.warmup, r.id.n_instances))
@@ -59,23 +62,29 @@ fn pct(v: Option<f64>) -> String {
     v.map_or("–".into(), |v| format!("{:.1}", 100.0 * v))
 }
 
-/// The prefix length a model adds in front of every instance.
-fn prefix_len(demux: &str, backbone: &str, n: i64) -> i64 {
-    let sequence = backbone == "vit" || backbone == "transformer";
-    match (demux, sequence) {
-        ("index", _) => n + 1,
-        (_, true) => 1,
-        _ => 0,
-    }
+/// The ideal speedup over N = 1 when only the backbone's cost counts: `N·L / (L + P)` against
+/// `L / (L + P₁)`, with the prefix length `P` of the demultiplexer (`DemuxKind::prefix_len`);
+/// the issue's `N·L / (L + N + 1)` for the index prefix.
+pub fn ideal_speedup(n: usize, seq_len: usize, demux: DemuxKind, sequence: bool) -> f64 {
+    let l = seq_len.max(1) as f64;
+    let p = demux.prefix_len(n, sequence) as f64;
+    let p1 = demux.prefix_len(1, sequence) as f64;
+    n as f64 * (l + p1) / (l + p)
 }
 
-/// The ideal speedup over N = 1 when only the backbone's cost counts: `N·L / (L + P)` against
-/// `L / (L + P₁)`; the issue's `N·L / (L + N + 1)` for the index prefix.
-pub fn ideal_speedup(n: i64, seq_len: i64, demux: &str, backbone: &str) -> f64 {
-    let l = seq_len.max(1) as f64;
-    let p = prefix_len(demux, backbone, n) as f64;
-    let p1 = prefix_len(demux, backbone, 1) as f64;
-    n as f64 * (l + p1) / (l + p)
+/// The ideal speedup of a speed row, from its demultiplexer and whether its modality's backbone
+/// keeps positions; `None` for a row whose modality, backbone or demultiplexer is unknown here.
+fn row_ideal(r: &SpeedRow) -> Option<f64> {
+    let demux: DemuxKind = serde_json::from_value(r.id.demux.clone().into()).ok()?;
+    let sequence = registry::modality(&r.id.modality)
+        .and_then(|m| m.is_sequence(&r.id.backbone))
+        .ok()?;
+    Some(ideal_speedup(
+        r.id.n_instances.max(1) as usize,
+        r.seq_len.max(0) as usize,
+        demux,
+        sequence,
+    ))
 }
 
 pub fn render(dir: &Path, command: &str) -> Result<String> {
@@ -152,7 +161,7 @@ pub fn render(dir: &Path, command: &str) -> Result<String> {
             pct(get(&wret, k)),
         );
     }
-    let failed: Vec<&AccuracyRow> = acc.iter().filter(|r| r.id.status != "ok").collect();
+    let failed: Vec<&AccuracyRow> = acc.iter().filter(|r| r.id.status != Status::Ok).collect();
     if !failed.is_empty() {
         md += "\nRuns without results:\n\n| run | status | reason |\n|---|---|---|\n";
         for r in failed {
@@ -167,7 +176,7 @@ pub fn render(dir: &Path, command: &str) -> Result<String> {
     // Speed: throughput by series and N, speedup over the same series at N = 1.
     let ok_speed: Vec<&SpeedRow> = speed
         .iter()
-        .filter(|r| r.id.status == "ok" && r.mode == "inference")
+        .filter(|r| r.id.status == Status::Ok && r.mode == "inference")
         .collect();
     if !ok_speed.is_empty() {
         md += "\n## Speed (inference, instances per second)\n\n";
@@ -181,7 +190,7 @@ pub fn render(dir: &Path, command: &str) -> Result<String> {
                 .find(|b| series_of(&b.id) == series_of(&r.id) && b.id.n_instances == 1);
             let speedup = base.map(|b| r.throughput_instances_per_s / b.throughput_instances_per_s);
             md += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} ± {:.2} | {} | {:.2} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} ± {:.2} | {} | {} | {} |\n",
                 r.id.backbone,
                 r.id.model_size,
                 r.id.mux,
@@ -193,7 +202,7 @@ pub fn render(dir: &Path, command: &str) -> Result<String> {
                 r.latency_ms_median,
                 r.latency_ms_mad,
                 speedup.map_or("–".into(), |s| format!("{s:.2}")),
-                ideal_speedup(r.id.n_instances, r.seq_len, &r.id.demux, &r.id.backbone),
+                row_ideal(r).map_or("–".into(), |s| format!("{s:.2}")),
                 r.id.threads,
             );
         }

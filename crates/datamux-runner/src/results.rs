@@ -23,6 +23,27 @@ mod nan {
     }
 }
 
+/// Whether a run has results: `ok`, `error` (it failed), or `unavailable` (its data could not be
+/// had). Stored as those strings in the `status` column.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    #[default]
+    Ok,
+    Error,
+    Unavailable,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Ok => "ok",
+            Self::Error => "error",
+            Self::Unavailable => "unavailable",
+        })
+    }
+}
+
 /// Column types of the tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Col {
@@ -37,7 +58,7 @@ pub trait Row: Serialize + DeserializeOwned {
     const SCHEMA: &'static [(&'static str, Col)];
     /// Rows of one run share this key; a rerun replaces them all.
     fn key(&self) -> &str;
-    fn status(&self) -> &str;
+    fn status(&self) -> Status;
     fn identity(&self) -> &Identity;
 }
 
@@ -88,7 +109,7 @@ pub struct Identity {
     pub n_instances: i64,
     pub seed: i64,
     pub warmup: bool,
-    pub status: String,
+    pub status: Status,
     pub error: String,
     pub git_rev: String,
     pub git_dirty: bool,
@@ -130,8 +151,8 @@ impl Identity {
 
     /// Status `ok`, or `error` / `unavailable` with the first line of the message (candle
     /// appends a backtrace when `RUST_BACKTRACE` is set).
-    pub fn with_status(mut self, status: &str, error: &str) -> Self {
-        self.status = status.to_string();
+    pub fn with_status(mut self, status: Status, error: &str) -> Self {
+        self.status = status;
         self.error = error.lines().next().unwrap_or_default().to_string();
         self
     }
@@ -170,8 +191,8 @@ impl Row for AccuracyRow {
     fn identity(&self) -> &Identity {
         &self.id
     }
-    fn status(&self) -> &str {
-        &self.id.status
+    fn status(&self) -> Status {
+        self.id.status
     }
 }
 
@@ -218,8 +239,8 @@ impl Row for SpeedRow {
     fn identity(&self) -> &Identity {
         &self.id
     }
-    fn status(&self) -> &str {
-        &self.id.status
+    fn status(&self) -> Status {
+        self.id.status
     }
 }
 
@@ -369,7 +390,7 @@ pub fn finished<R: Row>(rows: &[R]) -> std::collections::BTreeSet<String> {
     let mut ok = std::collections::BTreeSet::new();
     let mut bad = std::collections::BTreeSet::new();
     for r in rows {
-        if r.status() == "ok" {
+        if r.status() == Status::Ok {
             ok.insert(r.key().to_string());
         } else {
             bad.insert(r.key().to_string());

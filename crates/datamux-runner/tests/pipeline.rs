@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use datamux_runner::results::{self, AccuracyRow, Col, Row, SpeedRow};
+use datamux_runner::results::{self, AccuracyRow, Col, Row, SpeedRow, Status};
 
 fn root() -> PathBuf {
     // Read at run time: a test binary built from another checkout that shares the target folder
@@ -92,14 +92,14 @@ fn smoke_profile_end_to_end_with_resume() {
         assert!(!acc.is_empty() && !speed.is_empty(), "{exp}: empty tables");
         // Every real run scored every example of its splits; hub tasks are unavailable rows.
         for r in &acc {
-            match r.id.status.as_str() {
-                "ok" => {
+            match r.id.status {
+                Status::Ok => {
                     assert!(r.n_examples > 0 && r.value.is_finite(), "{exp}: {r:?}");
                     if r.split == "test" && r.id.dataset == "mnist" {
                         assert_eq!(r.n_examples, 200, "mnist fixture test split");
                     }
                 }
-                "unavailable" => assert!(
+                Status::Unavailable => assert!(
                     r.id.error.contains("HF_HUB_OFFLINE") || r.id.error.contains("not found"),
                     "{}",
                     r.id.error
@@ -111,13 +111,13 @@ fn smoke_profile_end_to_end_with_resume() {
             }
         }
         assert!(
-            acc.iter().any(|r| r.id.status == "ok"),
+            acc.iter().any(|r| r.id.status == Status::Ok),
             "{exp}: no run succeeded"
         );
         assert!(
             speed
                 .iter()
-                .filter(|r| r.id.status == "ok")
+                .filter(|r| r.id.status == Status::Ok)
                 .all(|r| r.throughput_instances_per_s > 0.0)
         );
         assert!(
@@ -285,7 +285,7 @@ fn tables_have_the_documented_schema() {
     let row = AccuracyRow {
         id: results::Identity {
             run_id: "r1".into(),
-            status: "ok".into(),
+            status: Status::Ok,
             ..Default::default()
         },
         split: "test".into(),
@@ -420,4 +420,87 @@ fn command_line_errors_are_one_line_and_non_zero() {
     for line in e.lines() {
         assert!(!line.contains("panicked"), "{e}");
     }
+}
+
+/// A dataset the built-in catalogue does not know, added by `<data dir>/catalogue.toml`, runs
+/// with the released binary; without the file the error says how to add it.
+#[test]
+fn a_dataset_from_the_data_directory_catalogue_runs_without_rebuilding() {
+    let ws = workspace();
+    let dir = ws.path();
+    let data = dir.join("data");
+    std::fs::create_dir_all(data.join("my-digits")).unwrap();
+    for f in ["train.parquet", "test.parquet"] {
+        std::fs::copy(
+            root().join("fixtures/mirror/mnist").join(f),
+            data.join("my-digits").join(f),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        dir.join("experiments/mine.toml"),
+        r#"name = "mine"
+modality = "vision"
+[data]
+dataset = "my-digits"
+validation_holdout = 50
+[model]
+backbone = "mlp"
+mux = { kind = "gaussian_hadamard" }
+demux = { kind = "mlp" }
+[train]
+steps = 6
+batch_size = 8
+eval_every = 3
+[sweep]
+n_instances = [1, 2]
+[speed]
+enabled = false
+"#,
+    )
+    .unwrap();
+    let args = [
+        "run",
+        "experiments/mine.toml",
+        "--out",
+        "results",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let o = datamux(dir, &args);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("unknown dataset `my-digits`") && e.contains("catalogue.toml"),
+        "{e}"
+    );
+    std::fs::write(
+        data.join("catalogue.toml"),
+        r#"[[dataset]]
+name = "my-digits"
+kind = "image_classification"
+columns = { image = "image", label = "label" }
+labels = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
+local = { folder = "my-digits", files = { train = ["train.parquet"], test = ["test.parquet"] } }
+"#,
+    )
+    .unwrap();
+    let o = datamux(dir, &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let acc: Vec<AccuracyRow> =
+        results::read_table(&dir.join("results/mine/accuracy.parquet")).unwrap();
+    let ok: Vec<&AccuracyRow> = acc
+        .iter()
+        .filter(|r| r.id.status == Status::Ok && r.split == "test" && r.metric == "accuracy")
+        .collect();
+    assert_eq!(ok.len(), 2, "{acc:?}");
+    assert!(
+        ok.iter()
+            .all(|r| r.id.dataset == "my-digits" && r.n_examples == 200)
+    );
+    assert!(
+        ok.iter().all(|r| r.id.data_source.ends_with("my-digits")),
+        "{:?}",
+        ok[0].id.data_source
+    );
 }

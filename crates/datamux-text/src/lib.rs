@@ -2,7 +2,8 @@
 //! embeddings feeding the core encoder, and sentence, sentence-pair and token classification
 //! tasks with the DataMUX retrieval warm-up (arXiv 2202.09318, method.md §5).
 //!
-//! The runner hands this crate plain Rust inputs (strings, word lists, label ids), never polars.
+//! The runner hands this crate plain Rust inputs (strings, word lists, label ids), never polars;
+//! [`pipeline::Text`] is the modality it drives, with the retrieval warm-up in [`warmup`].
 //! The embeddings are a [`datamux_core::Frontend`] and the trunk is the core encoder behind the
 //! [`datamux_core::Backbone`] trait, so a pretrained BERT-family encoder can later stand in for
 //! the from-scratch one by implementing `Backbone` (and loading its own embeddings as a
@@ -11,10 +12,13 @@
 pub mod config;
 pub mod frontend;
 pub mod metrics;
+pub mod pipeline;
 pub mod task;
 pub mod tokenizer;
+pub mod warmup;
 
 pub use config::{Config, SentenceReadout, Size};
 pub use frontend::{TextFrontend, TextInput};
+pub use pipeline::Text;
 pub use task::{SentenceData, TextTask, TokenData};
 pub use tokenizer::{TextError, TextTokenizer};

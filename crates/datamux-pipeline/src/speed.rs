@@ -10,7 +10,7 @@ use anyhow::Result;
 use datamux_core::Task;
 use datamux_core::init::rng_for;
 
-use crate::config::SpeedConfig;
+use crate::settings::SpeedConfig;
 
 #[derive(Debug, Clone)]
 pub struct Timing {

@@ -1,0 +1,127 @@
+//! The pieces every modality's `train` and `speed` are made of: the schedules of `[train]` and
+//! `[warmup]`, a training stage with progress, scoring the selected checkpoint into records,
+//! and timing with progress.
+
+use anyhow::Result;
+use datamux_core::task::Score;
+use datamux_core::{SeededVarMap, Task};
+
+use crate::eval::evaluate;
+use crate::modality::{Context, Record, SpeedPoint, Stage};
+use crate::settings::RunConfig;
+use crate::speed;
+use crate::train::{self, Outcome, Schedule};
+
+/// The task stage's schedule, from `[train]`, selecting on `metric`.
+pub fn schedule(run: &RunConfig, metric: &'static str) -> Schedule {
+    let t = &run.train;
+    Schedule {
+        steps: t.steps,
+        batch_size: t.batch_size,
+        lr: t.lr,
+        lr_warmup_steps: t.lr_warmup_steps,
+        weight_decay: t.weight_decay,
+        max_grad_norm: t.max_grad_norm,
+        eval_every: t.eval_every,
+        eval_rows: t.eval_rows,
+        metric,
+        seed: run.seed,
+        stage: "train",
+    }
+}
+
+/// The warm-up stage's schedule: `[warmup]`'s steps, batch and learning rate, the rest as
+/// `[train]`.
+pub fn warmup_schedule(run: &RunConfig, metric: &'static str) -> Schedule {
+    let w = &run.warmup;
+    Schedule {
+        steps: w.steps,
+        batch_size: w.batch_size,
+        lr: w.lr,
+        lr_warmup_steps: w.lr_warmup_steps,
+        stage: "warmup",
+        ..schedule(run, metric)
+    }
+}
+
+/// Validation examples scored during training (`data.eval_limit`); the final figures use them
+/// all.
+pub fn eval_order(run: &RunConfig, len: usize) -> Option<Vec<usize>> {
+    let limit = run.data.eval_limit;
+    (limit > 0 && limit < len).then(|| (0..limit).collect())
+}
+
+/// One training stage, reporting progress as `stage`.
+pub fn fit<T: Task>(
+    task: &T,
+    map: &SeededVarMap,
+    train: &T::Data,
+    valid: &T::Data,
+    order: Option<&[usize]>,
+    sched: &Schedule,
+    stage: Stage,
+    ctx: &mut Context<'_>,
+) -> Result<Outcome> {
+    train::train(task, map, train, valid, order, sched, |p| {
+        ctx.tick(stage.clone(), p.pos, p.len, p.msg)
+    })
+}
+
+/// A record for every metric of `score` (`prefix` + name: `warmup_retrieval_accuracy`).
+pub fn records(split: &str, score: &Score, out: &Outcome, prefix: &str) -> Vec<Record> {
+    score
+        .metrics()
+        .into_iter()
+        .map(|(metric, value)| Record {
+            split: split.to_string(),
+            metric: format!("{prefix}{metric}"),
+            value,
+            n_examples: score.examples,
+            steps: out.steps,
+            best_step: out.best_step,
+            train_seconds: out.seconds,
+        })
+        .collect()
+}
+
+/// Score the selected checkpoint on every example of each split.
+pub fn final_records<T: Task>(
+    task: &T,
+    run: &RunConfig,
+    splits: [(&str, &T::Data); 2],
+    out: &Outcome,
+    ctx: &mut Context<'_>,
+) -> Result<Vec<Record>> {
+    let mut rows = Vec::new();
+    for (name, data) in splits {
+        let stage = Stage::Eval(name.to_string());
+        let score = evaluate(
+            task,
+            data,
+            None,
+            run.train.eval_rows,
+            run.seed,
+            |pos, len| ctx.tick(stage.clone(), pos, len, ""),
+        )?;
+        rows.extend(records(name, &score, out, ""));
+    }
+    Ok(rows)
+}
+
+/// Time inference of `task` over `data` under `[speed]`; `seq_len` positions per instance.
+pub fn time<T: Task>(
+    task: &T,
+    data: &T::Data,
+    run: &RunConfig,
+    seq_len: usize,
+    ctx: &mut Context<'_>,
+) -> Result<SpeedPoint> {
+    let timing = speed::time_inference(task, data, &run.speed, |pos, len| {
+        ctx.tick(Stage::Speed, pos, len, "")
+    })?;
+    anyhow::ensure!(
+        !timing.latencies_ms.is_empty(),
+        "no timed iteration completed"
+    );
+    Ok(SpeedPoint { seq_len, timing })
+}

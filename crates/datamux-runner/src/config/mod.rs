@@ -1,0 +1,274 @@
+//! Experiment files: TOML in `experiments/`, checked at parse time, expanded into runs.
+//!
+//! A file states only what differs from the defaults. Sections: `modality` (a name of the
+//! registry), `[data]`, `[model]` (backbone, mux, demux and the modality's own tables),
+//! `[train]`, `[warmup]` (modalities with a warm-up stage), `[sweep]` (lists whose product gives
+//! the runs), `[speed]`, `[[expect]]`, `[[variant]]` (settings applied to the runs a `when`
+//! table matches) and `[profile.<name>]` (settings merged over the file for `--profile <name>`;
+//! `quick`, `standard`, `paper`, `smoke`).
+//!
+//! Every key is checked against the typed sections when the file is read, so a misspelt key
+//! anywhere (also inside profiles and variants) fails naming it (with the line and column outside
+//! `[model]`). Profiles, overrides and variants are merged into the raw TOML before typed
+//! parsing (house-style §2.6).
+//!
+//! - `wire.rs`: the typed shape of a file;
+//! - `expand.rs`: merging, overrides, variants and the resolved runs;
+//! - `validate.rs`: the checks every modality shares.
+
+mod expand;
+mod validate;
+mod wire;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use datamux_data::Catalogue;
+
+pub use datamux_pipeline::{
+    DataConfig, ModelConfig, RunConfig, SpeedConfig, TrainConfig, WarmupConfig,
+};
+pub use expand::{merge, parse_override};
+pub use wire::{Expect, SweepConfig, When};
+
+use expand::{Resolver, RunPoint, catch_all, set_dotted};
+use wire::WireExperiment;
+
+use crate::registry;
+
+/// One experiment file, its profile applied and its sweep expanded.
+#[derive(Debug, Clone)]
+pub struct Experiment {
+    pub name: String,
+    pub path: PathBuf,
+    pub profile: String,
+    pub analysis: String,
+    /// The registry name of its modality.
+    pub modality: &'static str,
+    pub runs: Vec<RunConfig>,
+    pub expect: Vec<Expect>,
+}
+
+fn parse_wire(text: &str, shown: &str) -> Result<WireExperiment> {
+    toml::from_str(text).map_err(|e| {
+        let msg = e
+            .to_string()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join(" | ");
+        anyhow::anyhow!("{shown}: {msg}")
+    })
+}
+
+/// Every `[model]` table and backbone name of a file, against its modality.
+fn check_wire(
+    wire: &WireExperiment,
+    shown: &str,
+) -> Result<&'static dyn datamux_pipeline::Modality> {
+    let m = registry::modality(&wire.modality).with_context(|| shown.to_string())?;
+    let models = std::iter::once(&wire.model)
+        .chain(wire.variant.iter().filter_map(|v| v.model.as_ref()))
+        .chain(wire.profile.values().filter_map(|p| p.model.as_ref()))
+        .chain(
+            wire.profile
+                .values()
+                .flat_map(|p| p.variant.iter().flatten())
+                .filter_map(|v| v.model.as_ref()),
+        );
+    for model in models {
+        validate::check_model(model, m).with_context(|| shown.to_string())?;
+    }
+    let backbones = wire
+        .sweep
+        .backbone
+        .iter()
+        .chain(wire.variant.iter().flat_map(|v| &v.when.backbone))
+        .chain(wire.expect.iter().filter_map(|e| e.backbone.as_ref()));
+    for b in backbones {
+        validate::check_backbone(b, m, shown)?;
+    }
+    if !m.has_warmup() && !wire.sweep.warmup.is_empty() {
+        bail!(
+            "{shown}: sweep.warmup is set, but the {} modality has no warm-up stage",
+            m.name()
+        );
+    }
+    Ok(m)
+}
+
+/// Read, check and expand one experiment file under a profile, with `--set` overrides; datasets
+/// are looked up in `catalogue`.
+pub fn load(
+    path: &Path,
+    profile: &str,
+    overrides: &[(String, toml::Value)],
+    catalogue: &Catalogue,
+) -> Result<Experiment> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let shown = path.display().to_string();
+    // The typed check of the whole file: unknown keys and wrong types with line and column.
+    let wire = parse_wire(&text, &shown)?;
+    check_wire(&wire, &shown)?;
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
+    ensure!(
+        wire.name == stem,
+        "{shown}: name `{}` must equal the file stem `{stem}`",
+        wire.name
+    );
+    let mut raw: toml::Value =
+        toml::from_str(&text).with_context(|| format!("{shown}: not TOML"))?;
+    let profiles = raw.as_table_mut().and_then(|t| t.remove("profile"));
+    // Precedence, lowest first: the file, its [[variant]]s, the profile, the profile's own
+    // [[variant]]s, the --set overrides. The profile and the overrides become catch-all variants
+    // after the file's, and are also merged over the file so that they can change the sweep.
+    let mut late: Vec<toml::Value> = Vec::new();
+    if let Some(p) = profiles.as_ref().and_then(|p| p.get(profile)) {
+        let mut p = p.clone();
+        let extra = p.as_table_mut().and_then(|t| t.remove("variant"));
+        merge(&mut raw, &p);
+        late.push(catch_all(&p));
+        if let Some(toml::Value::Array(extra)) = extra {
+            late.extend(extra);
+        }
+    } else if !["default", "quick", "standard", "paper", "smoke"].contains(&profile) {
+        // The standard profiles may be absent (the file's own settings apply); any other
+        // name must exist, so a misspelt --profile fails.
+        let known: Vec<String> = profiles
+            .as_ref()
+            .and_then(|p| p.as_table())
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default();
+        bail!(
+            "{shown}: no profile `{profile}`; it has: {}",
+            known.join(", ")
+        );
+    }
+    let mut set = toml::Value::Table(toml::Table::new());
+    for (k, v) in overrides {
+        set_dotted(&mut raw, k, v.clone())?;
+        set_dotted(&mut set, k, v.clone())?;
+    }
+    late.push(catch_all(&set));
+    if let Some(t) = raw.as_table_mut() {
+        match t
+            .entry("variant")
+            .or_insert_with(|| toml::Value::Array(Vec::new()))
+        {
+            toml::Value::Array(a) => a.extend(late),
+            other => bail!("{shown}: `variant` must be an array of tables, not {other}"),
+        }
+    }
+    // Re-check after merging, so overrides are held to the same schema.
+    let merged_text = toml::to_string(&raw)?;
+    let wire = parse_wire(
+        &merged_text,
+        &format!("{shown} (profile {profile}, overrides)"),
+    )?;
+    let modality = check_wire(&wire, &format!("{shown} (profile {profile}, overrides)"))?;
+    let table = raw.as_table_mut().context("experiment is not a table")?;
+    let variants: Vec<toml::Value> = match table.remove("variant") {
+        Some(toml::Value::Array(a)) => a,
+        _ => Vec::new(),
+    };
+    for k in ["sweep", "expect", "name", "analysis", "modality"] {
+        table.remove(k);
+    }
+    let sweep = &wire.sweep;
+    let or = |list: &[String], one: Option<&toml::Value>| -> Vec<String> {
+        if list.is_empty() {
+            vec![one.and_then(|v| v.as_str()).unwrap_or_default().to_string()]
+        } else {
+            list.to_vec()
+        }
+    };
+    let model_keys: wire::WireModelKeys = {
+        let mut keys = wire.model.clone();
+        keys.retain(|k, _| wire::MODEL_KEYS.contains(&k));
+        toml::Value::Table(keys).try_into()?
+    };
+    let ns = if sweep.n_instances.is_empty() {
+        vec![model_keys.n_instances.unwrap_or(1)]
+    } else {
+        sweep.n_instances.clone()
+    };
+    let backbones = or(&sweep.backbone, wire.model.get("backbone"));
+    let muxes = if sweep.mux.is_empty() {
+        vec![model_keys.mux.kind]
+    } else {
+        sweep.mux.clone()
+    };
+    let demuxes = if sweep.demux.is_empty() {
+        vec![model_keys.demux.kind]
+    } else {
+        sweep.demux.clone()
+    };
+    let warmups = if sweep.warmup.is_empty() {
+        vec![wire.warmup.enabled]
+    } else {
+        sweep.warmup.clone()
+    };
+    let datasets = if sweep.dataset.is_empty() {
+        vec![wire.data.dataset.clone()]
+    } else {
+        sweep.dataset.clone()
+    };
+    let resolver = Resolver {
+        raw: &raw,
+        variants: &variants,
+        wire: &wire,
+        modality,
+        catalogue,
+        shown: shown.clone(),
+    };
+    let mut runs = Vec::new();
+    for dataset in &datasets {
+        for backbone in &backbones {
+            for &mux in &muxes {
+                for &demux in &demuxes {
+                    for &n in &ns {
+                        for &warmup in &warmups {
+                            for &seed in &sweep.seeds {
+                                // B1 / B2 are N = 1 baselines; a muxed run always warms up.
+                                if modality.has_warmup() && !warmup && n > 1 {
+                                    continue;
+                                }
+                                let point = RunPoint {
+                                    dataset: dataset.clone(),
+                                    n,
+                                    backbone: backbone.clone(),
+                                    mux,
+                                    demux,
+                                    seed,
+                                    warmup,
+                                };
+                                runs.extend(resolver.run(&point)?);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for r in &runs {
+        ensure!(
+            ids.insert(r.run_id()),
+            "{shown}: two runs resolve to the same settings ({})",
+            r.run_id()
+        );
+    }
+    Ok(Experiment {
+        name: wire.name,
+        path: path.to_path_buf(),
+        profile: profile.to_string(),
+        analysis: wire.analysis.unwrap_or_default(),
+        modality: modality.name(),
+        runs,
+        expect: wire.expect,
+    })
+}

@@ -1,0 +1,140 @@
+//! Checks of experiment files and resolved runs that every modality shares; each error names
+//! the values and the rule. What only one modality knows (its backbones' sizes, its sections'
+//! cross-field rules) is its own `Modality::validate`.
+
+use anyhow::{Result, bail, ensure};
+use datamux_core::DemuxKind;
+use datamux_data::Catalogue;
+use datamux_pipeline::{Modality, RunConfig, WarmupConfig};
+
+use super::wire::{MODEL_KEYS, WireModelKeys};
+use crate::registry;
+
+/// A `[model]` table (of the file, a profile or a variant): its fixed keys typed, every other
+/// key a section of `modality`, checked by its typed settings.
+pub fn check_model(model: &toml::Table, modality: &dyn Modality) -> Result<()> {
+    let mut keys = toml::Table::new();
+    for (key, value) in model {
+        if MODEL_KEYS.contains(&key.as_str()) {
+            keys.insert(key.clone(), value.clone());
+        } else if modality.sections().contains(&key.as_str()) {
+            modality
+                .section(key, value)
+                .map_err(|e| anyhow::anyhow!("[model.{key}]: {e}"))?;
+        } else if let Some(other) = registry::owner(key) {
+            bail!(
+                "`model.{key}` is a setting of the {} modality; this experiment is {}",
+                other.name(),
+                modality.name()
+            );
+        } else {
+            bail!(
+                "unknown key `model.{key}`; [model] has {} and the {} sections {}",
+                MODEL_KEYS.join(", "),
+                modality.name(),
+                modality.sections().join(", ")
+            );
+        }
+    }
+    toml::Value::Table(keys)
+        .try_into::<WireModelKeys>()
+        .map_err(|e| anyhow::anyhow!("[model]: {e}"))?;
+    Ok(())
+}
+
+/// A backbone name given in a sweep, a variant or an expectation.
+pub fn check_backbone(name: &str, modality: &dyn Modality, r#where: &str) -> Result<()> {
+    ensure!(
+        modality.backbones().contains(&name),
+        "{where}: unknown {} backbone `{name}`; expected {}",
+        modality.name(),
+        modality.backbones().join(", ")
+    );
+    Ok(())
+}
+
+/// Cross-field checks of a resolved run that every modality shares, then the modality's own.
+pub fn validate(run: &RunConfig, modality: &dyn Modality, catalogue: &Catalogue) -> Result<()> {
+    let (m, t) = (&run.model, &run.train);
+    let n = m.n_instances;
+    ensure!(n >= 1, "n_instances must be at least 1, got {n}");
+    ensure!(!run.data.dataset.is_empty(), "[data] dataset is not set");
+    let entry = catalogue.get(&run.data.dataset)?;
+    ensure!(
+        modality.data_kinds().contains(&entry.kind),
+        "dataset `{}` is {}, which a {} experiment cannot train on (it trains on {})",
+        entry.name,
+        entry.kind.name(),
+        modality.name(),
+        modality
+            .data_kinds()
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    ensure!(t.steps >= 1, "train.steps must be at least 1");
+    ensure!(
+        t.eval_every >= 1 && t.eval_rows >= 1,
+        "train.eval_every and train.eval_rows must be at least 1"
+    );
+    ensure!(
+        t.lr > 0.0 && t.lr.is_finite(),
+        "train.lr must be positive, got {}",
+        t.lr
+    );
+    ensure!(
+        t.batch_size >= n && t.batch_size % n == 0,
+        "train.batch_size {} (instances) is not divisible by n_instances {n}",
+        t.batch_size
+    );
+    ensure!(
+        t.max_grad_norm > 0.0,
+        "train.max_grad_norm must be positive"
+    );
+    ensure!(
+        run.speed.rows_per_call != Some(0),
+        "speed.rows_per_call must be at least 1"
+    );
+    if !modality.has_warmup() {
+        ensure!(
+            run.warmup == WarmupConfig::default(),
+            "[warmup] is set, but the {} modality has no warm-up stage",
+            modality.name()
+        );
+    } else if run.warmup.enabled {
+        check_warmup(&run.warmup, n, m.demux.kind)?;
+    }
+    modality.validate(run, catalogue)
+}
+
+fn check_warmup(w: &WarmupConfig, n: usize, demux: DemuxKind) -> Result<()> {
+    ensure!(
+        w.batch_size >= n && w.batch_size % n == 0,
+        "warmup.batch_size {} (instances) is not divisible by n_instances {n}",
+        w.batch_size
+    );
+    ensure!(
+        w.steps >= 1 && w.lr > 0.0,
+        "warmup.steps and warmup.lr must be positive"
+    );
+    if let Some(p) = w.dropout {
+        ensure!(
+            (0.0..1.0).contains(&p),
+            "warmup.dropout must be in [0, 1), got {p}"
+        );
+    }
+    if let Some(from) = w.from_n {
+        ensure!(
+            from >= 1 && from < n,
+            "warmup.from_n must be in 1..{n} (a smaller N), got {from}"
+        );
+        ensure!(
+            demux == DemuxKind::Index,
+            "warmup.from_n needs the index demultiplexer (the {} one has parameters per instance \
+             slot)",
+            demux.name()
+        );
+    }
+    Ok(())
+}

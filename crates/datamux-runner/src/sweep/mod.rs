@@ -1,0 +1,340 @@
+//! Running experiments: expand every file into runs, skip the finished ones, train the rest in
+//! worker processes side by side (single-threaded each: faster on a small CPU than one
+//! multi-threaded run, house-style §2.14), then time the speed points one at a time with every
+//! core, and write the tables after each run so an interruption loses at most the runs in flight.
+
+//!
+//! - `queue.rs`: which job a free worker takes next;
+//! - `workers.rs`: the worker processes and the progress bars.
+
+mod queue;
+mod workers;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use datamux_data::Catalogue;
+use datamux_pipeline::Env;
+
+use crate::config::{self, Experiment, RunConfig};
+use crate::job::{Job, JobResult};
+use crate::registry;
+use crate::results::{self, AccuracyRow, SpeedRow, Status};
+
+pub use workers::Message;
+
+/// What `datamux run` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub experiments: Vec<Experiment>,
+    pub out_dir: PathBuf,
+    pub env: Env,
+    /// Training jobs side by side.
+    pub jobs: usize,
+    /// Threads per training job.
+    pub threads: usize,
+    pub speed: bool,
+    pub command: String,
+    /// The `datamux` binary that runs the workers (`datamux worker <spec>`).
+    pub worker_exe: PathBuf,
+}
+
+/// Experiment files under `paths` (files, or folders of `*.toml`), sorted.
+pub fn experiment_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("cannot list {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            files.sort();
+            out.extend(files);
+        } else if p.is_file() {
+            out.push(p.clone());
+        } else {
+            bail!("no experiment file or folder at {}", p.display());
+        }
+    }
+    if out.is_empty() {
+        bail!(
+            "no experiment files (*.toml) in {}",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(out)
+}
+
+pub fn load_experiments(
+    paths: &[PathBuf],
+    profile: &str,
+    overrides: &[(String, toml::Value)],
+    catalogue: &Catalogue,
+) -> Result<Vec<Experiment>> {
+    experiment_files(paths)?
+        .iter()
+        .map(|f| config::load(f, profile, overrides, catalogue))
+        .collect()
+}
+
+/// Tables of one experiment, kept in memory and written after every finished job.
+struct Tables {
+    dir: PathBuf,
+    accuracy: Vec<AccuracyRow>,
+    speed: Vec<SpeedRow>,
+}
+
+impl Tables {
+    fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            accuracy: results::read_table(&dir.join("accuracy.parquet"))?,
+            speed: results::read_table(&dir.join("speed.parquet"))?,
+        })
+    }
+
+    fn add(&mut self, r: JobResult) -> Result<()> {
+        if !r.accuracy.is_empty() {
+            results::upsert(&mut self.accuracy, r.accuracy);
+            results::write_table(&self.dir.join("accuracy.parquet"), &self.accuracy)?;
+        }
+        if !r.speed.is_empty() {
+            results::upsert(&mut self.speed, r.speed);
+            results::write_table(&self.dir.join("speed.parquet"), &self.speed)?;
+        }
+        Ok(())
+    }
+
+    /// The runs that have rows in either table.
+    fn run_ids(&self) -> BTreeSet<String> {
+        let ids = self.accuracy.iter().map(|r| &r.id);
+        ids.chain(self.speed.iter().map(|r| &r.id))
+            .map(|id| id.run_id.clone())
+            .collect()
+    }
+}
+
+/// A rough cost of a run for scheduling: muxed rows processed over all steps.
+fn job_cost(r: &RunConfig) -> usize {
+    let n = r.model.n_instances.max(1);
+    let warms_up = registry::modality(&r.modality).is_ok_and(|m| crate::job::warms_up(m, r));
+    let warm = if warms_up {
+        r.warmup.steps * r.warmup.batch_size / n
+    } else {
+        0
+    };
+    r.train.steps * r.train.batch_size / n + warm
+}
+
+/// One speed point per distinct model: the first seed of each (backbone, mux, demux, N).
+fn speed_runs(exp: &Experiment) -> Vec<RunConfig> {
+    let mut seen = BTreeSet::new();
+    exp.runs
+        .iter()
+        .filter(|r| r.speed.enabled)
+        .filter(|r| {
+            let m = &r.model;
+            seen.insert((
+                m.backbone.clone(),
+                m.mux.kind.name(),
+                m.demux.kind.name(),
+                m.n_instances,
+                r.warmup.enabled,
+            ))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Run every experiment of the plan; returns whether every row is ok and every expectation met.
+pub fn run(plan: &Plan) -> Result<bool> {
+    let mut tables = Vec::new();
+    let mut train_list = Vec::new();
+    let mut speed_list = Vec::new();
+    // Runs whose data could not be had are tried again (cheap), in case it can be had now.
+    let mut retry = 0;
+    for (i, exp) in plan.experiments.iter().enumerate() {
+        let dir = plan.out_dir.join(&exp.name);
+        let t = Tables::open(&dir)?;
+        // The report groups rows by model and N, not by profile: one table, one profile.
+        if let Some(other) = t
+            .accuracy
+            .iter()
+            .map(|r| &r.id)
+            .chain(t.speed.iter().map(|r| &r.id))
+            .map(|id| &id.profile)
+            .find(|p| **p != exp.profile)
+        {
+            anyhow::bail!(
+                "{} holds results of profile `{other}`; a `{}` run would mix them into one table: \
+                 give it its own --out (`just reproduce {}` writes results/{}/)",
+                dir.display(),
+                exp.profile,
+                exp.profile,
+                exp.profile
+            );
+        }
+        write_resolved(&dir, exp, &t.run_ids())?;
+        std::fs::write(
+            dir.join("env.txt"),
+            crate::provenance::env_txt(&plan.command),
+        )?;
+        let done = results::finished(&t.accuracy);
+        let done_speed = results::finished(&t.speed);
+        let unavailable: BTreeSet<&str> = t
+            .accuracy
+            .iter()
+            .filter(|r| r.id.status == Status::Unavailable)
+            .map(|r| r.id.run_id.as_str())
+            .collect();
+        for r in &exp.runs {
+            let id = r.run_id();
+            if unavailable.contains(id.as_str()) {
+                retry += 1;
+            }
+            if !done.contains(&id) {
+                train_list.push((i, Job::Train(r.clone())));
+            }
+        }
+        if plan.speed {
+            for r in speed_runs(exp) {
+                if !done_speed.contains(&r.run_id()) {
+                    speed_list.push((i, Job::Speed(r)));
+                }
+            }
+        }
+        tables.push(t);
+    }
+    let total: usize = plan.experiments.iter().map(|e| e.runs.len()).sum();
+    eprintln!(
+        "{} experiment(s), {total} run(s): {} to train, {} already finished, {retry} unavailable before (looked up again); {} speed point(s) to time",
+        plan.experiments.len(),
+        train_list.len() - retry,
+        total - train_list.len(),
+        speed_list.len()
+    );
+    // Longest first, so side-by-side workers finish together: cost ~ rows x steps.
+    train_list.sort_by_key(|(_, job)| std::cmp::Reverse(job_cost(job.run())));
+    workers::run_jobs(
+        train_list,
+        plan,
+        plan.jobs,
+        plan.threads,
+        "training runs",
+        |exp, _, r| tables[exp].add(r),
+    )?;
+    // Timing runs alone, with every core: nothing else may run beside a measurement.
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    workers::run_jobs(speed_list, plan, 1, cores, "speed points", |exp, _, r| {
+        tables[exp].add(r)
+    })?;
+    let mut ok = true;
+    for (exp, t) in plan.experiments.iter().zip(&tables) {
+        // Again at the end, when the rows of replaced runs are gone.
+        write_resolved(&plan.out_dir.join(&exp.name), exp, &t.run_ids())?;
+        let ids: BTreeSet<String> = exp.runs.iter().map(RunConfig::run_id).collect();
+        let failed: Vec<&AccuracyRow> = t
+            .accuracy
+            .iter()
+            .filter(|r| ids.contains(&r.id.run_id) && r.id.status != Status::Ok)
+            .collect();
+        for r in &failed {
+            eprintln!(
+                "{}: {} {}: {}",
+                exp.name, r.id.status, r.id.run_id, r.id.error
+            );
+        }
+        ok &= failed.iter().all(|r| r.id.status == Status::Unavailable);
+        for miss in check_expectations(exp, &t.accuracy) {
+            eprintln!("{}: expectation missed: {miss}", exp.name);
+            ok = false;
+        }
+    }
+    Ok(ok)
+}
+
+/// The expectations of an experiment that its rows do not meet.
+pub fn check_expectations(exp: &Experiment, rows: &[AccuracyRow]) -> Vec<String> {
+    let ids: BTreeSet<String> = exp.runs.iter().map(RunConfig::run_id).collect();
+    let mut misses = Vec::new();
+    for e in &exp.expect {
+        let hits: Vec<&AccuracyRow> = rows
+            .iter()
+            .filter(|r| ids.contains(&r.id.run_id) && r.id.status == Status::Ok)
+            .filter(|r| r.split == e.split && r.metric == e.metric)
+            .filter(|r| e.n_instances.is_none_or(|n| r.id.n_instances == n as i64))
+            .filter(|r| e.backbone.as_ref().is_none_or(|b| &r.id.backbone == b))
+            .filter(|r| e.mux.is_none_or(|m| r.id.mux == m.name()))
+            .filter(|r| e.demux.is_none_or(|d| r.id.demux == d.name()))
+            .filter(|r| e.warmup.is_none_or(|w| r.id.warmup == w))
+            .collect();
+        let what = format!(
+            "{} {} >= {} (backbone {}, N {}, warm-up {})",
+            e.split,
+            e.metric,
+            e.min,
+            e.backbone.as_deref().unwrap_or("any"),
+            e.n_instances.map_or("any".into(), |n| n.to_string()),
+            e.warmup.map_or("any".into(), |w| w.to_string())
+        );
+        if hits.is_empty() {
+            // A run that could not get its data is reported as unavailable, not as a miss.
+            continue;
+        }
+        for r in hits {
+            if r.value.is_nan() || r.value < e.min {
+                misses.push(format!("{what}: {} has {:.4}", r.id.run_id, r.value));
+            }
+        }
+    }
+    misses
+}
+
+/// `resolved.toml`: the settings of every run in the folder's tables and of every run of this
+/// invocation. A table grows over invocations (`--set sweep.*` subsets), so the entries of
+/// earlier runs that still have rows are kept; those of replaced runs are dropped.
+fn write_resolved(dir: &Path, exp: &Experiment, in_tables: &BTreeSet<String>) -> Result<()> {
+    let path = dir.join("resolved.toml");
+    let earlier = match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .parse::<toml::Table>()
+            .with_context(|| format!("{} is not TOML", path.display()))?
+            .remove("runs")
+            .and_then(|r| r.as_table().cloned())
+            .unwrap_or_default(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut runs: BTreeMap<String, toml::Value> = earlier
+        .into_iter()
+        .filter(|(id, _)| in_tables.contains(id))
+        .collect();
+    for r in &exp.runs {
+        runs.insert(r.run_id(), r.to_toml()?);
+    }
+    let mut doc = toml::Table::new();
+    doc.insert("experiment".into(), exp.name.clone().into());
+    doc.insert("profile".into(), exp.profile.clone().into());
+    doc.insert("source".into(), exp.path.display().to_string().into());
+    doc.insert(
+        "runs".into(),
+        toml::Value::Table(runs.into_iter().collect()),
+    );
+    let text = format!(
+        "# generated by `datamux run`: every run's resolved settings, by run_id\n{}",
+        toml::to_string(&doc)?
+    );
+    let tmp = dir.join("resolved.toml.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, dir.join("resolved.toml"))?;
+    Ok(())
+}

@@ -1,0 +1,299 @@
+//! The text modality for the runner: `[model.text]`, sentence, sentence-pair and token
+//! classification datasets, the retrieval warm-up (`warmup.rs`) then fine-tuning, and inference
+//! timing at the fixed speed-protocol length.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result, bail, ensure};
+use candle_core::Device;
+use datamux_core::{SeededVarMap, Task};
+use datamux_data::{Catalogue, Examples, Kind, Split, Splits};
+use datamux_pipeline::{
+    Context, Modality, Record, RunConfig, SpeedPoint, Stage, checkpoint, section_json, stages,
+};
+use serde_json::value::RawValue;
+
+use crate::config::{Config, SentenceReadout, Size};
+use crate::task::{HeadKind, SentenceData, TextData, TextTask, TokenData};
+use crate::tokenizer::TextTokenizer;
+use crate::warmup;
+
+/// The text modality (`modality = "text"`).
+pub struct Text;
+
+/// The text backbones: the core Transformer encoder, trained from scratch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Transformer,
+}
+
+const BACKBONES: [&str; 1] = ["transformer"];
+
+/// A run's backbone, parsed once from `model.backbone`.
+pub fn arch(run: &RunConfig) -> Result<Arch> {
+    datamux_pipeline::parse_backbone(
+        "text",
+        &run.model.backbone,
+        &BACKBONES,
+        &[Arch::Transformer],
+    )
+}
+
+/// The run's `[model.text]`.
+pub fn settings(run: &RunConfig) -> Result<Config> {
+    run.model.sections.get("text")
+}
+
+/// The settings the warm-up model is built with: the run's, with `warmup.dropout` (when set)
+/// as every dropout probability, and the default sentence readout (the warm-up trains no task
+/// head, so how it reads does not change the warm-up). Dropout has no parameters, so the
+/// warm-up checkpoint still loads into the task model.
+pub fn warmup_run(run: &RunConfig) -> Result<RunConfig> {
+    let mut out = run.clone();
+    let mut text = settings(run)?;
+    text.sentence_readout = SentenceReadout::default();
+    if let Some(p) = run.warmup.dropout {
+        let mut enc = text.encoder();
+        enc.hidden_dropout_prob = p;
+        enc.attention_probs_dropout_prob = p;
+        text.size = Size::Custom;
+        text.encoder = enc;
+        text.embedding_dropout = p;
+        out.model.demux.dropout = p;
+    }
+    out.model.sections.set("text", &text)?;
+    Ok(out)
+}
+
+/// The tokenizer of a run: loaded from `model.text.tokenizer`, or trained on the training text
+/// and cached under `<cache>/tokenizers/` (a cached file is reused, never retrained).
+pub fn tokenizer(run: &RunConfig, cache_dir: &Path, train: &Split) -> Result<TextTokenizer> {
+    let cfg = settings(run)?;
+    if let Some(path) = &cfg.tokenizer {
+        return Ok(TextTokenizer::from_file(Path::new(path), cfg.max_length)?);
+    }
+    let texts = text_lines(train);
+    let fingerprint = datamux_core::init::name_seed(texts.len() as u64, &texts.join("\n"));
+    let name = format!(
+        "{}-bpe{}-{}-{fingerprint:016x}.json",
+        train.dataset,
+        cfg.vocab_size,
+        if cfg.lowercase { "lc" } else { "cased" }
+    );
+    let path = cache_dir.join("tokenizers").join(name);
+    if path.is_file() {
+        return Ok(TextTokenizer::from_file(&path, cfg.max_length)?);
+    }
+    let tk = TextTokenizer::train(
+        texts.iter().map(String::as_str),
+        cfg.vocab_size,
+        cfg.lowercase,
+        cfg.max_length,
+    )?;
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    tk.save(&tmp)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(tk)
+}
+
+/// The raw text of a split, one string per sentence (pairs as two) or per word sequence.
+pub fn text_lines(split: &Split) -> Vec<String> {
+    match &split.examples {
+        Examples::Text { texts, pairs, .. } => texts
+            .iter()
+            .chain(pairs.iter().flatten())
+            .cloned()
+            .collect(),
+        Examples::Tokens { tokens, .. } => tokens.iter().map(|w| w.join(" ")).collect(),
+        Examples::Corpus { texts } => texts.clone(),
+        Examples::Images { .. } | Examples::Frames { .. } => Vec::new(),
+    }
+}
+
+/// A split as token ids and labels, and the head it needs.
+pub fn text_data(split: &Split, tk: &TextTokenizer) -> Result<(TextData, HeadKind)> {
+    let ctx = || format!("dataset `{}` split `{}`", split.dataset, split.split);
+    let classes = split.label_names.len();
+    Ok(match &split.examples {
+        Examples::Text {
+            texts,
+            pairs,
+            labels,
+        } => (
+            TextData::Sentences(
+                SentenceData::encode(tk, texts, pairs.as_deref(), labels, classes)
+                    .with_context(ctx)?,
+            ),
+            HeadKind::Sentence,
+        ),
+        Examples::Tokens { tokens, tags } => (
+            TextData::Tokens(TokenData::encode(tk, tokens, tags, classes).with_context(ctx)?),
+            HeadKind::Token,
+        ),
+        _ => bail!("dataset `{}` is not a text task", split.dataset),
+    })
+}
+
+/// The task model of a run with loss weights `(α_task, α_ret)`.
+pub fn text_task(
+    run: &RunConfig,
+    head: HeadKind,
+    labels: &[String],
+    tk: &TextTokenizer,
+    weights: (f64, f64),
+    map: &SeededVarMap,
+) -> Result<TextTask> {
+    Ok(TextTask::new(
+        &settings(run)?,
+        &run.mux_config(),
+        head,
+        labels,
+        tk.vocab_size(),
+        tk.pad_id,
+        weights,
+        map,
+        &Device::Cpu,
+    )?)
+}
+
+impl Modality for Text {
+    fn name(&self) -> &'static str {
+        "text"
+    }
+
+    fn sections(&self) -> &'static [&'static str] {
+        &["text"]
+    }
+
+    fn section(&self, name: &str, value: &toml::Value) -> Result<Box<RawValue>> {
+        match name {
+            "text" => section_json::<Config>(value),
+            other => bail!("the text modality has no `model.{other}` settings"),
+        }
+    }
+
+    fn backbones(&self) -> &'static [&'static str] {
+        &BACKBONES
+    }
+
+    fn data_kinds(&self) -> &'static [Kind] {
+        &[Kind::TextClassification, Kind::TokenClassification]
+    }
+
+    fn has_warmup(&self) -> bool {
+        true
+    }
+
+    fn validate(&self, run: &RunConfig, catalogue: &Catalogue) -> Result<()> {
+        arch(run)?;
+        let text = settings(run)?;
+        let n = run.model.n_instances;
+        text.validate(n, run.model.demux.kind)
+            .map_err(anyhow::Error::msg)?;
+        if run.warmup.enabled && run.warmup.corpus != "task" {
+            let corpus = catalogue.get(&run.warmup.corpus)?;
+            ensure!(
+                matches!(
+                    corpus.kind,
+                    Kind::TextCorpus | Kind::TextClassification | Kind::TokenClassification
+                ),
+                "warm-up corpus `{}` is {}, not text",
+                corpus.name,
+                corpus.kind.name()
+            );
+        }
+        run.model.mux.validate(n, text.encoder().hidden_size)?;
+        Ok(())
+    }
+
+    fn model_size(&self, run: &RunConfig) -> Result<String> {
+        let e = settings(run)?.encoder();
+        Ok(format!("{}x{}", e.num_hidden_layers, e.hidden_size))
+    }
+
+    fn is_sequence(&self, backbone: &str) -> Result<bool> {
+        datamux_pipeline::parse_backbone("text", backbone, &BACKBONES, &[Arch::Transformer])?;
+        Ok(true)
+    }
+
+    fn warmup_run(&self, run: &RunConfig) -> Result<RunConfig> {
+        warmup_run(run)
+    }
+
+    fn warmups(&self, run: &RunConfig) -> Vec<String> {
+        warmup::names(run)
+    }
+
+    fn train(&self, run: &RunConfig, s: &Splits, ctx: &mut Context<'_>) -> Result<Vec<Record>> {
+        ctx.tick(Stage::Prepare, 0, 1, "tokenizer");
+        let tk = tokenizer(run, &ctx.env.cache_dir, &s.train)?;
+        let (train, head) = text_data(&s.train, &tk)?;
+        let (valid, _) = text_data(&s.valid, &tk)?;
+        let (test, _) = text_data(&s.test, &tk)?;
+        let labels = &s.train.label_names;
+        let order = stages::eval_order(run, valid.len());
+        let mut rows = Vec::new();
+        let map = SeededVarMap::new(run.seed);
+        let weights = (run.train.task_weight, run.train.retrieval_weight);
+        let task = text_task(run, head, labels, &tk, weights, &map)?;
+        if run.warmup.enabled {
+            let shared = warmup::Shared {
+                splits: s,
+                tk: &tk,
+                head,
+                labels,
+                valid: &valid,
+                order: order.as_deref(),
+            };
+            let (warm, warm_map, out) = warmup::warm_up(run, &shared, Stage::Warmup(None), ctx)?;
+            rows.extend(warmup::records(
+                &warm,
+                run,
+                [("validation", &valid), (s.test.split.as_str(), &test)],
+                &out,
+            )?);
+            // The mean readout reads the same (prefix slot, position) pairs as retrieval, so its
+            // demultiplexer starts from the retrieval one (method.md §12).
+            let from_retrieval = head == HeadKind::Sentence
+                && settings(run)?.sentence_readout == SentenceReadout::Mean;
+            warmup::start_task_from(&map, &warm_map, from_retrieval)?;
+        }
+        let metric = task.selection_metric();
+        let out = stages::fit(
+            &task,
+            &map,
+            &train,
+            &valid,
+            order.as_deref(),
+            &stages::schedule(run, metric),
+            Stage::Train,
+            ctx,
+        )?;
+        checkpoint::save(
+            &checkpoint::run_dir(ctx.env, run),
+            &map,
+            &task.net.buffers(),
+            run,
+        )?;
+        rows.extend(stages::final_records(
+            &task,
+            run,
+            [("validation", &valid), (s.test.split.as_str(), &test)],
+            &out,
+            ctx,
+        )?);
+        Ok(rows)
+    }
+
+    fn speed(&self, run: &RunConfig, s: &Splits, ctx: &mut Context<'_>) -> Result<SpeedPoint> {
+        let tk = tokenizer(run, &ctx.env.cache_dir, &s.train)?;
+        let (data, head) = text_data(&s.test, &tk)?;
+        let map = SeededVarMap::new(run.seed);
+        let mut task = text_task(run, head, &s.test.label_names, &tk, (1.0, 0.0), &map)?;
+        // The speed protocol pads every instance to the same length (method.md §9.2).
+        let len = settings(run)?.max_length;
+        task.fixed_len = Some(len);
+        stages::time(&task, &data, run, len, ctx)
+    }
+}
