@@ -140,16 +140,19 @@ pub fn render(dir: &Path, command: &str) -> Result<String> {
     let get = |t: &BTreeMap<(Series, bool, i64), (f64, usize)>, k: &(Series, bool, i64)| {
         t.get(k).map(|(s, c)| s / *c as f64)
     };
+    // The warm-up column means something only for modalities with a warm-up stage.
+    let warms_up = acc.iter().any(|r| {
+        registry::modality(&r.id.modality).is_ok_and(|m| m.has_warmup())
+    });
     for (k, (_, seeds)) in &main {
         let (s, warm, n) = k;
-        let modality_text = acc.iter().any(|r| r.id.modality == "text");
         md += &format!(
             "| {} | {} | {} | {} | {} | {n} | {} | {} | {} | {} | {} | {seeds} |\n",
             s.0,
             s.1,
             s.2,
             s.3,
-            if modality_text {
+            if warms_up {
                 if *warm { "yes" } else { "no (B1)" }
             } else {
                 "–"
