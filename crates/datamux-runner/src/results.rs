@@ -1,7 +1,9 @@
 //! The two tidy tables of an experiment, `accuracy.parquet` and `speed.parquet`, written through
-//! polars. Rows are plain structs; a static schema fixes each column's name and type. Files are
-//! written to a temporary name and renamed, so an interrupted run never leaves a half-written
-//! table. Failed and unavailable runs are rows too, with a status and the first line of the error.
+//! polars. Rows are plain structs, each declared once with [`table!`], which also gives its
+//! columns: a field is a column of its name and type, a nested table struct (the identity) its
+//! columns in place. Files are written to a temporary name and renamed, so an interrupted run
+//! never leaves a half-written table. Failed and unavailable runs are rows too, with a status and
+//! the first line of the error.
 
 use std::path::Path;
 
@@ -9,12 +11,12 @@ use anyhow::{Context, Result, bail};
 use polars::prelude::{
     Column, DataFrame, IntoColumn, NamedFrom, ParquetReader, ParquetWriter, SerReader, Series,
 };
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize};
 
 use crate::provenance::Provenance;
 
-/// Floats that may be NaN (a failed run has no value): JSON, which carries rows between the
-/// worker and the tables, has no NaN, so NaN travels as null and comes back as NaN.
+/// Floats that may be NaN (a failed run has no value): JSON, which carries rows from a worker to
+/// the tables, has no NaN, so NaN travels as null and comes back as NaN.
 mod nan {
     use serde::{Deserialize, Deserializer};
 
@@ -32,6 +34,10 @@ pub enum Status {
     Ok,
     Error,
     Unavailable,
+}
+
+impl Status {
+    const ALL: [Self; 3] = [Self::Ok, Self::Error, Self::Unavailable];
 }
 
 impl std::fmt::Display for Status {
@@ -53,71 +59,222 @@ pub enum Col {
     Bool,
 }
 
-/// A table row with a fixed schema.
-pub trait Row: Serialize + DeserializeOwned {
-    const SCHEMA: &'static [(&'static str, Col)];
+/// A field type that is one column.
+pub trait Cell: Sized {
+    const COL: Col;
+    fn series(name: &str, values: Vec<&Self>) -> Series;
+    /// The column's values; `Err` names what was found instead.
+    fn values(s: &Series) -> std::result::Result<Vec<Self>, String>;
+}
+
+fn found(s: &Series) -> String {
+    format!("type {}", s.dtype())
+}
+
+impl Cell for String {
+    const COL: Col = Col::Str;
+    fn series(name: &str, values: Vec<&Self>) -> Series {
+        let v: Vec<&str> = values.into_iter().map(String::as_str).collect();
+        Series::new(name.into(), v)
+    }
+    fn values(s: &Series) -> std::result::Result<Vec<Self>, String> {
+        let ca = s.str().map_err(|_| found(s))?;
+        Ok(ca
+            .iter()
+            .map(|v| v.unwrap_or_default().to_string())
+            .collect())
+    }
+}
+
+/// NaN marks a value that does not exist (a failed run's row); a null reads as NaN.
+impl Cell for f64 {
+    const COL: Col = Col::F64;
+    fn series(name: &str, values: Vec<&Self>) -> Series {
+        Series::new(name.into(), values.into_iter().copied().collect::<Vec<_>>())
+    }
+    fn values(s: &Series) -> std::result::Result<Vec<Self>, String> {
+        let ca = s.f64().map_err(|_| found(s))?;
+        Ok(ca.iter().map(|v| v.unwrap_or(f64::NAN)).collect())
+    }
+}
+
+impl Cell for i64 {
+    const COL: Col = Col::I64;
+    fn series(name: &str, values: Vec<&Self>) -> Series {
+        Series::new(name.into(), values.into_iter().copied().collect::<Vec<_>>())
+    }
+    fn values(s: &Series) -> std::result::Result<Vec<Self>, String> {
+        let ca = s.i64().map_err(|_| found(s))?;
+        Ok(ca.iter().map(Option::unwrap_or_default).collect())
+    }
+}
+
+impl Cell for bool {
+    const COL: Col = Col::Bool;
+    fn series(name: &str, values: Vec<&Self>) -> Series {
+        Series::new(name.into(), values.into_iter().copied().collect::<Vec<_>>())
+    }
+    fn values(s: &Series) -> std::result::Result<Vec<Self>, String> {
+        let ca = s.bool().map_err(|_| found(s))?;
+        Ok(ca.iter().map(Option::unwrap_or_default).collect())
+    }
+}
+
+impl Cell for Status {
+    const COL: Col = Col::Str;
+    fn series(name: &str, values: Vec<&Self>) -> Series {
+        let v: Vec<String> = values.into_iter().map(ToString::to_string).collect();
+        Series::new(name.into(), v)
+    }
+    fn values(s: &Series) -> std::result::Result<Vec<Self>, String> {
+        String::values(s)?
+            .into_iter()
+            .map(|v| {
+                Status::ALL
+                    .into_iter()
+                    .find(|st| st.to_string() == v)
+                    .ok_or_else(|| format!("the status `{v}`"))
+            })
+            .collect()
+    }
+}
+
+/// A struct whose fields are columns (or nested column structs), declared with [`table!`].
+pub trait Columns: Sized {
+    /// `(name, type)` of every column, in order.
+    fn schema(out: &mut Vec<(&'static str, Col)>);
+    /// One column per schema entry, from `rows`.
+    fn columns(rows: Vec<&Self>, out: &mut Vec<Column>);
+    /// The rows of `df`; an error names the column.
+    fn read(df: &DataFrame) -> Result<Vec<Self>>;
+}
+
+/// How a field of a [`table!`] struct becomes columns: a [`Cell`] is one column named after the
+/// field, a [`Columns`] struct its own columns.
+pub trait Part: Sized {
+    fn schema(name: &'static str, out: &mut Vec<(&'static str, Col)>);
+    fn columns(name: &'static str, values: Vec<&Self>, out: &mut Vec<Column>);
+    fn read(name: &'static str, df: &DataFrame) -> Result<Vec<Self>>;
+}
+
+/// The typed column of `name`.
+fn cell_values<T: Cell>(name: &str, df: &DataFrame) -> Result<Vec<T>> {
+    let Ok(c) = df.column(name) else {
+        bail!("it has no column `{name}`: it was written by another version of datamux");
+    };
+    T::values(c.as_materialized_series())
+        .map_err(|what| anyhow::anyhow!("column `{name}` holds {what}, expected {:?}", T::COL))
+}
+
+macro_rules! cell_part {
+    ($($t:ty),*) => {$(
+        impl Part for $t {
+            fn schema(name: &'static str, out: &mut Vec<(&'static str, Col)>) {
+                out.push((name, <$t as Cell>::COL));
+            }
+            fn columns(name: &'static str, values: Vec<&Self>, out: &mut Vec<Column>) {
+                out.push(<$t as Cell>::series(name, values).into_column());
+            }
+            fn read(name: &'static str, df: &DataFrame) -> Result<Vec<Self>> {
+                cell_values::<$t>(name, df)
+            }
+        }
+    )*};
+}
+cell_part!(String, f64, i64, bool, Status);
+
+/// Declare a table struct: its fields in column order, each a [`Cell`] or a nested [`table!`]
+/// struct (`#[part]`), which contributes its columns in place.
+macro_rules! table {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$fmeta:meta])* pub $field:ident : $ty:ty, )*
+        }
+    ) => {
+        $(#[$meta])*
+        pub struct $name {
+            $( $(#[$fmeta])* pub $field: $ty, )*
+        }
+
+        impl Columns for $name {
+            fn schema(out: &mut Vec<(&'static str, Col)>) {
+                $( <$ty as Part>::schema(stringify!($field), out); )*
+            }
+            fn columns(rows: Vec<&Self>, out: &mut Vec<Column>) {
+                $( <$ty as Part>::columns(
+                    stringify!($field),
+                    rows.iter().map(|r| &r.$field).collect(),
+                    out,
+                ); )*
+            }
+            fn read(df: &DataFrame) -> Result<Vec<Self>> {
+                $( let mut $field = <$ty as Part>::read(stringify!($field), df)?.into_iter(); )*
+                (0..df.height())
+                    .map(|_| {
+                        Some(Self { $( $field: $field.next()?, )* })
+                    })
+                    .collect::<Option<Vec<_>>>()
+                    .context("a column is shorter than the table")
+            }
+        }
+
+        impl Part for $name {
+            fn schema(_: &'static str, out: &mut Vec<(&'static str, Col)>) {
+                <Self as Columns>::schema(out)
+            }
+            fn columns(_: &'static str, values: Vec<&Self>, out: &mut Vec<Column>) {
+                <Self as Columns>::columns(values, out)
+            }
+            fn read(_: &'static str, df: &DataFrame) -> Result<Vec<Self>> {
+                <Self as Columns>::read(df)
+            }
+        }
+    };
+}
+
+/// A table row.
+pub trait Row: Columns + Serialize + serde::de::DeserializeOwned {
     /// Rows of one run share this key; a rerun replaces them all.
     fn key(&self) -> &str;
     fn status(&self) -> Status;
     fn identity(&self) -> &Identity;
+
+    /// `(name, type)` of every column, in order.
+    fn schema() -> Vec<(&'static str, Col)> {
+        let mut out = Vec::new();
+        <Self as Columns>::schema(&mut out);
+        out
+    }
 }
 
-/// Identity and provenance columns shared by both tables.
-macro_rules! identity_schema {
-    ($($extra:tt)*) => {
-        &[
-            ("experiment", Col::Str),
-            ("profile", Col::Str),
-            ("run_id", Col::Str),
-            ("modality", Col::Str),
-            ("dataset", Col::Str),
-            ("data_source", Col::Str),
-            ("backbone", Col::Str),
-            ("model_size", Col::Str),
-            ("mux", Col::Str),
-            ("demux", Col::Str),
-            ("n_instances", Col::I64),
-            ("seed", Col::I64),
-            ("warmup", Col::Bool),
-            $($extra)*
-            ("status", Col::Str),
-            ("error", Col::Str),
-            ("git_rev", Col::Str),
-            ("git_dirty", Col::Bool),
-            ("config_hash", Col::Str),
-            ("threads", Col::I64),
-            ("candle_version", Col::Str),
-            ("device", Col::Str),
-            ("dtype", Col::Str),
-        ]
-    };
-}
-
-/// The columns that say which run a row belongs to and where it came from.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Identity {
-    pub experiment: String,
-    pub profile: String,
-    pub run_id: String,
-    pub modality: String,
-    pub dataset: String,
-    pub data_source: String,
-    pub backbone: String,
-    pub model_size: String,
-    pub mux: String,
-    pub demux: String,
-    pub n_instances: i64,
-    pub seed: i64,
-    pub warmup: bool,
-    pub status: Status,
-    pub error: String,
-    pub git_rev: String,
-    pub git_dirty: bool,
-    pub config_hash: String,
-    pub threads: i64,
-    pub candle_version: String,
-    pub device: String,
-    pub dtype: String,
+table! {
+    /// The columns that say which run a row belongs to and where it came from.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct Identity {
+        pub experiment: String,
+        pub profile: String,
+        pub run_id: String,
+        pub modality: String,
+        pub dataset: String,
+        pub data_source: String,
+        pub backbone: String,
+        pub model_size: String,
+        pub mux: String,
+        pub demux: String,
+        pub n_instances: i64,
+        pub seed: i64,
+        pub warmup: bool,
+        pub status: Status,
+        pub error: String,
+        pub git_rev: String,
+        pub git_dirty: bool,
+        pub config_hash: String,
+        pub threads: i64,
+        pub candle_version: String,
+        pub device: String,
+        pub dtype: String,
+    }
 }
 
 impl Identity {
@@ -158,33 +315,26 @@ impl Identity {
     }
 }
 
-/// One (run, split, metric) of `accuracy.parquet`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AccuracyRow {
-    #[serde(flatten)]
-    pub id: Identity,
-    pub split: String,
-    pub metric: String,
-    #[serde(deserialize_with = "nan::de")]
-    pub value: f64,
-    /// Real examples scored; equals the split size (dummies are never counted).
-    pub n_examples: i64,
-    pub steps: i64,
-    pub best_step: i64,
-    #[serde(deserialize_with = "nan::de")]
-    pub train_seconds: f64,
+table! {
+    /// One (run, split, metric) of `accuracy.parquet`.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct AccuracyRow {
+        #[serde(flatten)]
+        pub id: Identity,
+        pub split: String,
+        pub metric: String,
+        #[serde(deserialize_with = "nan::de")]
+        pub value: f64,
+        /// Real examples scored; equals the split size (dummies are never counted).
+        pub n_examples: i64,
+        pub steps: i64,
+        pub best_step: i64,
+        #[serde(deserialize_with = "nan::de")]
+        pub train_seconds: f64,
+    }
 }
 
 impl Row for AccuracyRow {
-    const SCHEMA: &'static [(&'static str, Col)] = identity_schema!(
-        ("split", Col::Str),
-        ("metric", Col::Str),
-        ("value", Col::F64),
-        ("n_examples", Col::I64),
-        ("steps", Col::I64),
-        ("best_step", Col::I64),
-        ("train_seconds", Col::F64),
-    );
     fn key(&self) -> &str {
         &self.id.run_id
     }
@@ -196,43 +346,33 @@ impl Row for AccuracyRow {
     }
 }
 
-/// One timed point of `speed.parquet`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SpeedRow {
-    #[serde(flatten)]
-    pub id: Identity,
-    /// `inference` (forward only) or `train_step` (forward, backward, AdamW).
-    pub mode: String,
-    /// Positions per instance (tokens, or patches for a ViT; pixels rows for others).
-    pub seq_len: i64,
-    pub batch_instances: i64,
-    pub warmup_iters: i64,
-    pub iters: i64,
-    #[serde(deserialize_with = "nan::de")]
-    pub latency_ms_median: f64,
-    #[serde(deserialize_with = "nan::de")]
-    pub latency_ms_mad: f64,
-    #[serde(deserialize_with = "nan::de")]
-    pub latency_ms_min: f64,
-    #[serde(deserialize_with = "nan::de")]
-    pub latency_ms_max: f64,
-    #[serde(deserialize_with = "nan::de")]
-    pub throughput_instances_per_s: f64,
+table! {
+    /// One timed point of `speed.parquet`.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct SpeedRow {
+        #[serde(flatten)]
+        pub id: Identity,
+        /// `inference` (forward only) or `train_step` (forward, backward, AdamW).
+        pub mode: String,
+        /// Positions per instance (tokens, or patches for a ViT; pixels rows for others).
+        pub seq_len: i64,
+        pub batch_instances: i64,
+        pub warmup_iters: i64,
+        pub iters: i64,
+        #[serde(deserialize_with = "nan::de")]
+        pub latency_ms_median: f64,
+        #[serde(deserialize_with = "nan::de")]
+        pub latency_ms_mad: f64,
+        #[serde(deserialize_with = "nan::de")]
+        pub latency_ms_min: f64,
+        #[serde(deserialize_with = "nan::de")]
+        pub latency_ms_max: f64,
+        #[serde(deserialize_with = "nan::de")]
+        pub throughput_instances_per_s: f64,
+    }
 }
 
 impl Row for SpeedRow {
-    const SCHEMA: &'static [(&'static str, Col)] = identity_schema!(
-        ("mode", Col::Str),
-        ("seq_len", Col::I64),
-        ("batch_instances", Col::I64),
-        ("warmup_iters", Col::I64),
-        ("iters", Col::I64),
-        ("latency_ms_median", Col::F64),
-        ("latency_ms_mad", Col::F64),
-        ("latency_ms_min", Col::F64),
-        ("latency_ms_max", Col::F64),
-        ("throughput_instances_per_s", Col::F64),
-    );
     fn key(&self) -> &str {
         &self.id.run_id
     }
@@ -242,56 +382,13 @@ impl Row for SpeedRow {
     fn status(&self) -> Status {
         self.id.status
     }
-}
-
-fn frame<R: Row>(rows: &[R]) -> Result<DataFrame> {
-    let values: Vec<serde_json::Value> = rows
-        .iter()
-        .map(serde_json::to_value)
-        .collect::<Result<_, _>>()?;
-    let mut columns: Vec<Column> = Vec::with_capacity(R::SCHEMA.len());
-    for (name, col) in R::SCHEMA {
-        let get = |v: &serde_json::Value| v.get(*name).cloned().unwrap_or(serde_json::Value::Null);
-        let name = (*name).into();
-        let series = match col {
-            Col::Str => Series::new(
-                name,
-                values
-                    .iter()
-                    .map(|v| get(v).as_str().unwrap_or_default().to_string())
-                    .collect::<Vec<_>>(),
-            ),
-            // NaN marks a value that does not exist (a failed run's row).
-            Col::F64 => Series::new(
-                name,
-                values
-                    .iter()
-                    .map(|v| get(v).as_f64().unwrap_or(f64::NAN))
-                    .collect::<Vec<_>>(),
-            ),
-            Col::I64 => Series::new(
-                name,
-                values
-                    .iter()
-                    .map(|v| get(v).as_i64().unwrap_or_default())
-                    .collect::<Vec<_>>(),
-            ),
-            Col::Bool => Series::new(
-                name,
-                values
-                    .iter()
-                    .map(|v| get(v).as_bool().unwrap_or_default())
-                    .collect::<Vec<_>>(),
-            ),
-        };
-        columns.push(series.into_column());
-    }
-    Ok(DataFrame::new_infer_height(columns)?)
 }
 
 /// Write `rows` to `path` atomically (temporary file, then rename).
 pub fn write_table<R: Row>(path: &Path, rows: &[R]) -> Result<()> {
-    let mut df = frame(rows)?;
+    let mut columns = Vec::new();
+    R::columns(rows.iter().collect(), &mut columns);
+    let mut df = DataFrame::new_infer_height(columns)?;
     let tmp = path.with_extension(format!("parquet.tmp-{}", std::process::id()));
     {
         let file = std::fs::File::create(&tmp)
@@ -305,7 +402,8 @@ pub fn write_table<R: Row>(path: &Path, rows: &[R]) -> Result<()> {
     Ok(())
 }
 
-/// Read a table written by [`write_table`]; a missing file is an empty table.
+/// Read a table written by [`write_table`]; a missing file is an empty table. Columns are found
+/// by name, so tables written with another column order read the same.
 pub fn read_table<R: Row>(path: &Path) -> Result<Vec<R>> {
     if !path.exists() {
         return Ok(Vec::new());
@@ -315,61 +413,12 @@ pub fn read_table<R: Row>(path: &Path) -> Result<Vec<R>> {
     let df = ParquetReader::new(file)
         .finish()
         .with_context(|| format!("cannot read {}", path.display()))?;
-    let n = df.height();
-    let mut objects = vec![serde_json::Map::new(); n];
-    for (name, col) in R::SCHEMA {
-        let Ok(c) = df.column(name) else {
-            bail!(
-                "{} has no column `{name}`: it was written by another version of datamux; move it aside to start afresh",
-                path.display()
-            );
-        };
-        let s = c.as_materialized_series();
-        let wrong = || {
-            anyhow::anyhow!(
-                "{}: column `{name}` has type {}, expected {col:?}",
-                path.display(),
-                s.dtype()
-            )
-        };
-        match col {
-            Col::Str => {
-                let ca = s.str().map_err(|_| wrong())?;
-                for (o, v) in objects.iter_mut().zip(ca.iter()) {
-                    o.insert(name.to_string(), v.unwrap_or_default().into());
-                }
-            }
-            Col::F64 => {
-                let ca = s.f64().map_err(|_| wrong())?;
-                for (o, v) in objects.iter_mut().zip(ca.iter()) {
-                    o.insert(
-                        name.to_string(),
-                        serde_json::Number::from_f64(v.unwrap_or(f64::NAN))
-                            .map_or(serde_json::Value::Null, Into::into),
-                    );
-                }
-            }
-            Col::I64 => {
-                let ca = s.i64().map_err(|_| wrong())?;
-                for (o, v) in objects.iter_mut().zip(ca.iter()) {
-                    o.insert(name.to_string(), v.unwrap_or_default().into());
-                }
-            }
-            Col::Bool => {
-                let ca = s.bool().map_err(|_| wrong())?;
-                for (o, v) in objects.iter_mut().zip(ca.iter()) {
-                    o.insert(name.to_string(), v.unwrap_or_default().into());
-                }
-            }
-        }
-    }
-    objects
-        .into_iter()
-        .map(|o| {
-            serde_json::from_value(serde_json::Value::Object(o))
-                .with_context(|| format!("{}: a row does not fit the schema", path.display()))
-        })
-        .collect()
+    R::read(&df).with_context(|| {
+        format!(
+            "{}: not a table of this version of datamux; move it aside to start afresh",
+            path.display()
+        )
+    })
 }
 
 /// Replace the rows of each key present in `new`, and the rows of the same sweep point made with

@@ -140,7 +140,10 @@ fn smoke_profile_end_to_end_with_resume() {
         .iter()
         .map(|m| m.name().to_string())
         .collect();
-    assert_eq!(modalities, registered, "a registered modality has no experiment");
+    assert_eq!(
+        modalities, registered,
+        "a registered modality has no experiment"
+    );
     let mnist: Vec<AccuracyRow> =
         results::read_table(&dir.join("results/mnist/accuracy.parquet")).unwrap();
     let mut grid: Vec<(String, i64)> = mnist
@@ -322,12 +325,12 @@ fn tables_have_the_documented_schema() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let want: Vec<String> = AccuracyRow::SCHEMA
+    let want: Vec<String> = AccuracyRow::schema()
         .iter()
         .map(|(n, _)| n.to_string())
         .collect();
     assert_eq!(names, want);
-    for (name, col) in AccuracyRow::SCHEMA {
+    for (name, col) in AccuracyRow::schema() {
         let dtype = df.column(name).unwrap().dtype().clone();
         let expected = match col {
             Col::Str => DataType::String,
@@ -373,7 +376,7 @@ fn tables_have_the_documented_schema() {
         "throughput_instances_per_s",
     ] {
         assert!(
-            SpeedRow::SCHEMA.iter().any(|(n, _)| *n == needed),
+            SpeedRow::schema().iter().any(|(n, _)| *n == needed),
             "speed table lacks {needed}"
         );
     }
