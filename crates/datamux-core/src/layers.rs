@@ -21,6 +21,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::init::rng_for;
+use crate::model::Embedded;
 
 /// Standard deviation of the normal initialisation of BERT/RoBERTa (`initializer_range`).
 pub const INIT_RANGE: f64 = 0.02;
@@ -190,6 +191,67 @@ pub fn embedding_table(rows: usize, d: usize, vb: VarBuilder<'_>) -> Result<Tens
             stdev: INIT_RANGE,
         },
     )
+}
+
+/// The end of an embedding block for sequence instances (text tokens, audio frames): a learned
+/// position embedding, an optional LayerNorm, dropout, and padding zeroed so that it adds
+/// nothing to the mix. Parameter paths: `positions.weight`, `norm.*`. Positions count from 0 per
+/// instance; prefix slots take none (method.md §2).
+#[derive(Clone, Debug)]
+pub struct PositionEmbedding {
+    /// `(max_len, D)`.
+    pub positions: Tensor,
+    pub norm: Option<LayerNorm>,
+    pub dropout: f64,
+}
+
+impl PositionEmbedding {
+    pub fn new(
+        max_len: usize,
+        d: usize,
+        norm: bool,
+        dropout: f64,
+        eps: f64,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        Ok(Self {
+            positions: embedding_table(max_len, d, vb.pp("positions"))?,
+            norm: if norm {
+                Some(LayerNorm::new(d, eps, vb.pp("norm"))?)
+            } else {
+                None
+            },
+            dropout,
+        })
+    }
+
+    /// The longest instance it has positions for; a longer one is an error naming both.
+    pub fn check_len(&self, l: usize) -> Result<()> {
+        let max = self.positions.dim(0)?;
+        if l > max {
+            candle_core::bail!("sequence length {l} exceeds the {max} position embeddings");
+        }
+        Ok(())
+    }
+
+    /// Per-position embeddings `(B, N, L, D)` and padding flags `(B, N, L)` (1 = padding) ->
+    /// the instances' embeddings, padding zeroed, with the mask.
+    pub fn forward_t(&self, xs: &Tensor, pad: &Tensor, train: bool) -> Result<Embedded> {
+        let (_b, _n, l, _d) = xs.dims4()?;
+        self.check_len(l)?;
+        let xs = add_trailing(xs, &self.positions.narrow(0, 0, l)?)?; // + (L, D)
+        let xs = match &self.norm {
+            Some(norm) => norm.forward_t(&xs, train)?,
+            None => xs,
+        };
+        let xs = dropout(&xs, self.dropout, train)?;
+        // Zero the padding: (B, N, L) -> (B, N, L, 1) keep-mask.
+        let keep = (1.0 - pad.to_dtype(candle_core::DType::F32)?)?.unsqueeze(3)?;
+        Ok(Embedded {
+            xs: xs.broadcast_mul(&keep)?,
+            pad: Some(pad.clone()),
+        })
+    }
 }
 
 thread_local! {

@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use datamux_core::encoder::{self, Encoder};
-use datamux_core::layers::{self, LayerNorm};
+use datamux_core::layers::{self, LayerNorm, PositionEmbedding};
 use datamux_core::model::{Backbone, Embedded, Frontend};
 
 /// Token ids `(B, N, L)` u32 and padding flags `(B, N, L)` u8 (1 = padding).
@@ -24,9 +24,7 @@ pub struct TextInput {
 #[derive(Clone, Debug)]
 pub struct TextFrontend {
     tokens: Tensor,
-    positions: Tensor,
-    norm: Option<LayerNorm>,
-    dropout: f64,
+    tail: PositionEmbedding,
     d: usize,
 }
 
@@ -42,13 +40,7 @@ impl TextFrontend {
     ) -> Result<Self> {
         Ok(Self {
             tokens: layers::embedding_table(vocab, d, vb.pp("tokens"))?,
-            positions: layers::embedding_table(max_length, d, vb.pp("positions"))?,
-            norm: if norm {
-                Some(LayerNorm::new(d, eps, vb.pp("norm"))?)
-            } else {
-                None
-            },
-            dropout,
+            tail: PositionEmbedding::new(max_length, d, norm, dropout, eps, vb)?,
             d,
         })
     }
@@ -60,27 +52,13 @@ impl Frontend for TextFrontend {
     /// `(B, N, L)` -> `(B, N, L, D)`.
     fn embed(&self, input: &TextInput, train: bool) -> Result<Embedded> {
         let (b, n, l) = input.ids.dims3()?;
-        let max = self.positions.dim(0)?;
-        if l > max {
-            candle_core::bail!("sequence length {l} exceeds the {max} position embeddings");
-        }
+        self.tail.check_len(l)?;
         // (B·N·L) ids -> (B·N·L, D) -> (B, N, L, D)
         let tok = self
             .tokens
             .index_select(&input.ids.flatten_all()?, 0)?
             .reshape((b, n, l, self.d))?;
-        let xs = layers::add_trailing(&tok, &self.positions.narrow(0, 0, l)?)?; // + (L, D)
-        let xs = match &self.norm {
-            Some(norm) => norm.forward_t(&xs, train)?,
-            None => xs,
-        };
-        let xs = layers::dropout(&xs, self.dropout, train)?;
-        // Zero the padding: (B, N, L) -> (B, N, L, 1) keep-mask.
-        let keep = (1.0 - input.pad.to_dtype(DType::F32)?)?.unsqueeze(3)?;
-        Ok(Embedded {
-            xs: xs.broadcast_mul(&keep)?,
-            pad: Some(input.pad.clone()),
-        })
+        self.tail.forward_t(&tok, &input.pad, train)
     }
 
     fn hidden_size(&self) -> usize {
@@ -99,10 +77,7 @@ impl Frontend for TextFrontend {
         }
         let (b, n, l) = input.ids.dims3()?;
         let d = self.d;
-        let max = self.positions.dim(0)?;
-        if l > max {
-            candle_core::bail!("sequence length {l} exceeds the {max} position embeddings");
-        }
+        self.tail.check_len(l)?;
         if scales.dims2()? != (n, d) {
             candle_core::bail!("slot scales {:?} for (N, D) = ({n}, {d})", scales.shape());
         }
@@ -117,11 +92,12 @@ impl Frontend for TextFrontend {
             .flatten_all()?
             .to_vec1::<f32>()?; // N·D
         let positions = self
+            .tail
             .positions
             .narrow(0, 0, l)?
             .flatten_all()?
             .to_vec1::<f32>()?; // L·D
-        let norm = match &self.norm {
+        let norm = match &self.tail.norm {
             Some(norm) => {
                 let (w, bias, eps) = norm.params();
                 Some((w.to_vec1::<f32>()?, bias.to_vec1::<f32>()?, eps as f32))
