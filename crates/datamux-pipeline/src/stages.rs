@@ -2,10 +2,14 @@
 //! `[warmup]`, a training stage with progress, scoring the selected checkpoint into records,
 //! and timing with progress.
 
+use std::collections::HashMap;
+
 use anyhow::Result;
+use candle_core::Tensor;
 use datamux_core::task::Score;
 use datamux_core::{SeededVarMap, Task};
 
+use crate::checkpoint;
 use crate::eval::evaluate;
 use crate::modality::{Context, Record, SpeedPoint, Stage};
 use crate::settings::RunConfig;
@@ -106,6 +110,48 @@ pub fn final_records<T: Task>(
         rows.extend(records(name, &score, out, ""));
     }
     Ok(rows)
+}
+
+/// A task's data: train, validation, and the reported split with its name (`test`, or
+/// `validation` for a dataset without a test split).
+pub struct Data<'a, D> {
+    pub train: &'a D,
+    pub valid: &'a D,
+    pub test: (&'a str, &'a D),
+}
+
+/// The task stage of a run: train on `[train]`, selecting on the task's own metric, save the
+/// selected checkpoint (with `buffers`, the model's fixed tensors) under `runs/`, and score it on
+/// every example of validation and the reported split. A modality without a warm-up trains
+/// with this alone; one with a warm-up calls it after starting the task from it.
+pub fn train_task<T: Task>(
+    task: &T,
+    map: &SeededVarMap,
+    buffers: &HashMap<String, Tensor>,
+    run: &RunConfig,
+    data: Data<'_, T::Data>,
+    ctx: &mut Context<'_>,
+) -> Result<Vec<Record>> {
+    let order = eval_order(run, task.len(data.valid));
+    let sched = schedule(run, task.selection_metric());
+    let out = fit(
+        task,
+        map,
+        data.train,
+        data.valid,
+        order.as_deref(),
+        &sched,
+        Stage::Train,
+        ctx,
+    )?;
+    checkpoint::save(&checkpoint::run_dir(ctx.env, run), map, buffers, run)?;
+    final_records(
+        task,
+        run,
+        [("validation", data.valid), data.test],
+        &out,
+        ctx,
+    )
 }
 
 /// Time inference of `task` over `data` under `[speed]`; `seq_len` positions per instance.

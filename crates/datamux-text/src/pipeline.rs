@@ -6,10 +6,10 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use candle_core::Device;
-use datamux_core::{SeededVarMap, Task};
+use datamux_core::SeededVarMap;
 use datamux_data::{Catalogue, Examples, Kind, Split, Splits};
 use datamux_pipeline::{
-    Context, Modality, Record, RunConfig, SpeedPoint, Stage, checkpoint, section_json, stages,
+    Context, Modality, Record, RunConfig, SpeedPoint, Stage, section_json, stages,
 };
 use serde_json::value::RawValue;
 
@@ -259,28 +259,17 @@ impl Modality for Text {
                 && settings(run)?.sentence_readout == SentenceReadout::Mean;
             warmup::start_task_from(&map, &warm_map, from_retrieval)?;
         }
-        let metric = task.selection_metric();
-        let out = stages::fit(
+        let data = stages::Data {
+            train: &train,
+            valid: &valid,
+            test: (s.test.split.as_str(), &test),
+        };
+        rows.extend(stages::train_task(
             &task,
-            &map,
-            &train,
-            &valid,
-            order.as_deref(),
-            &stages::schedule(run, metric),
-            Stage::Train,
-            ctx,
-        )?;
-        checkpoint::save(
-            &checkpoint::run_dir(ctx.env, run),
             &map,
             &task.net.buffers(),
             run,
-        )?;
-        rows.extend(stages::final_records(
-            &task,
-            run,
-            [("validation", &valid), (s.test.split.as_str(), &test)],
-            &out,
+            data,
             ctx,
         )?);
         Ok(rows)

@@ -6,7 +6,7 @@ use candle_core::Device;
 use datamux_core::SeededVarMap;
 use datamux_data::{Catalogue, Examples, Kind, Split, Splits};
 use datamux_pipeline::{
-    Context, Modality, Record, RunConfig, SpeedPoint, Stage, checkpoint, section_json, stages,
+    Context, Modality, Record, RunConfig, SpeedPoint, Stage, section_json, stages,
 };
 use serde_json::value::RawValue;
 
@@ -138,31 +138,12 @@ impl Modality for Vision {
         );
         let map = SeededVarMap::new(run.seed);
         let task = task(run, s.train.label_names.len(), &map)?;
-        let order = stages::eval_order(run, valid.len());
-        let sched = stages::schedule(run, "accuracy");
-        let out = stages::fit(
-            &task,
-            &map,
-            &train,
-            &valid,
-            order.as_deref(),
-            &sched,
-            Stage::Train,
-            ctx,
-        )?;
-        checkpoint::save(
-            &checkpoint::run_dir(ctx.env, run),
-            &map,
-            &task.net.buffers(),
-            run,
-        )?;
-        stages::final_records(
-            &task,
-            run,
-            [("validation", &valid), (s.test.split.as_str(), &test)],
-            &out,
-            ctx,
-        )
+        let data = stages::Data {
+            train: &train,
+            valid: &valid,
+            test: (s.test.split.as_str(), &test),
+        };
+        stages::train_task(&task, &map, &task.net.buffers(), run, data, ctx)
     }
 
     fn speed(&self, run: &RunConfig, s: &Splits, ctx: &mut Context<'_>) -> Result<SpeedPoint> {
