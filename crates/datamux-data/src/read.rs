@@ -240,6 +240,12 @@ impl Ctx<'_> {
             .collect()
     }
 
+    /// The label column `name`: one id in `0..count` a row.
+    fn labels(&self, df: &DataFrame, name: &str, count: usize) -> Result<Vec<u32>, DataError> {
+        let series = self.column(df, name)?.as_materialized_series();
+        self.ids(series, name, None, count, "label")
+    }
+
     /// Integer ids in `0..count`.
     fn ids(
         &self,
@@ -432,14 +438,7 @@ fn read_one(
                 .enumerate()
                 .map(|(row, v)| v.map(<[u8]>::to_vec).ok_or_else(|| ctx.null(name, row)))
                 .collect::<Result<Vec<_>, _>>()?;
-            let lname = role(&c.label);
-            let labels = ctx.ids(
-                ctx.column(&df, lname)?.as_materialized_series(),
-                lname,
-                None,
-                num_labels,
-                "label",
-            )?;
+            let labels = ctx.labels(&df, role(&c.label), num_labels)?;
             let rows = all(labels.len());
             Ok((Examples::Images { images, labels }, rows))
         }
@@ -450,14 +449,7 @@ fn read_one(
                 .as_deref()
                 .map(|p| ctx.strings(&df, p))
                 .transpose()?;
-            let lname = role(&c.label);
-            let labels = ctx.ids(
-                ctx.column(&df, lname)?.as_materialized_series(),
-                lname,
-                None,
-                num_labels,
-                "label",
-            )?;
+            let labels = ctx.labels(&df, role(&c.label), num_labels)?;
             let rows = all(labels.len());
             Ok((
                 Examples::Text {
@@ -523,14 +515,7 @@ fn read_one(
         }
         Kind::FrameClassification => {
             let frames = ctx.frames_column(&df, role(&c.frames))?;
-            let lname = role(&c.label);
-            let labels = ctx.ids(
-                ctx.column(&df, lname)?.as_materialized_series(),
-                lname,
-                None,
-                num_labels,
-                "label",
-            )?;
+            let labels = ctx.labels(&df, role(&c.label), num_labels)?;
             let rows = all(labels.len());
             Ok((Examples::Frames { frames, labels }, rows))
         }
