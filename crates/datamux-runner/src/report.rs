@@ -141,9 +141,9 @@ pub fn render(dir: &Path, command: &str) -> Result<String> {
         t.get(k).map(|(s, c)| s / *c as f64)
     };
     // The warm-up column means something only for modalities with a warm-up stage.
-    let warms_up = acc.iter().any(|r| {
-        registry::modality(&r.id.modality).is_ok_and(|m| m.has_warmup())
-    });
+    let warms_up = acc
+        .iter()
+        .any(|r| registry::modality(&r.id.modality).is_ok_and(|m| m.has_warmup()));
     for (k, (_, seeds)) in &main {
         let (s, warm, n) = k;
         md += &format!(
