@@ -5,8 +5,12 @@
 use anyhow::{Result, bail};
 use datamux_pipeline::Modality;
 
-/// Every modality the runner can run.
-pub static MODALITIES: &[&dyn Modality] = &[&datamux_vision::Vision, &datamux_text::Text];
+/// Every modality the runner can run, one a line.
+#[rustfmt::skip]
+pub static MODALITIES: &[&dyn Modality] = &[
+    &datamux_vision::Vision,
+    &datamux_text::Text,
+];
 
 /// The modality named `name`.
 pub fn modality(name: &str) -> Result<&'static dyn Modality> {
