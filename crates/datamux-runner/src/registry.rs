@@ -10,6 +10,7 @@ use datamux_pipeline::Modality;
 pub static MODALITIES: &[&dyn Modality] = &[
     &datamux_vision::Vision,
     &datamux_text::Text,
+    &datamux_audio::Audio,
 ];
 
 /// The modality named `name`.
