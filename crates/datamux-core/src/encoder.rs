@@ -105,6 +105,20 @@ impl Config {
         }
         Ok(())
     }
+
+    /// Floating-point operations (a multiply-add counts 2) of one forward pass over `rows` rows
+    /// of `len` positions: per layer and position the Q, K, V and output projections (4·D²
+    /// multiply-adds) and the FFN (2·D·F), plus the scores and the weighted values (2·len·D).
+    /// Softmax, LayerNorm, GELU and the residual sums are left out, as in the usual count.
+    pub fn forward_flops(&self, rows: usize, len: usize) -> f64 {
+        let (d, f, t) = (
+            self.hidden_size as f64,
+            self.intermediate_size as f64,
+            len as f64,
+        );
+        let per_layer = t * (8.0 * d * d + 4.0 * d * f) + 4.0 * t * t * d;
+        rows as f64 * self.num_hidden_layers as f64 * per_layer
+    }
 }
 
 /// Multi-head self-attention with a key-padding bias.
@@ -207,6 +221,7 @@ pub struct Encoder {
     layers: Vec<Layer>,
     final_norm: Option<LayerNorm>,
     hidden_size: usize,
+    cfg: Config,
 }
 
 impl Encoder {
@@ -228,6 +243,7 @@ impl Encoder {
             layers,
             final_norm,
             hidden_size: cfg.hidden_size,
+            cfg: cfg.clone(),
         })
     }
 
@@ -270,6 +286,10 @@ impl Backbone for Encoder {
     fn hidden_size(&self) -> usize {
         self.hidden_size
     }
+
+    fn forward_flops(&self, rows: usize, len: usize) -> Option<f64> {
+        Some(self.cfg.forward_flops(rows, len))
+    }
 }
 
 impl Encoder {
@@ -292,5 +312,25 @@ impl Encoder {
 impl Module for Encoder {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         Backbone::forward_t(self, xs, None, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The count is the sum of 2·m·k·n over the matmuls one layer runs, listed by shape.
+    #[test]
+    fn forward_flops_sums_the_matmuls_of_every_layer() {
+        let cfg = Config::tiny(); // 2 x 32, 4 heads, FFN 37
+        let (rows, t) = (3, 5);
+        let (d, f, h) = (32, 37, 4);
+        let hd = d / h;
+        let mm = |m: usize, k: usize, n: usize| 2 * m * k * n;
+        let per_layer = 4 * mm(rows * t, d, d) // q, k, v, o
+            + mm(rows * t, d, f) + mm(rows * t, f, d) // FFN in, out
+            + rows * h * (mm(t, hd, t) + mm(t, t, hd)); // scores, weighted values
+        let expected = (cfg.num_hidden_layers * per_layer) as f64;
+        assert_eq!(cfg.forward_flops(rows, t), expected);
     }
 }

@@ -57,6 +57,11 @@ pub trait Backbone {
     fn name(&self) -> String {
         "backbone".into()
     }
+    /// Floating-point operations of one forward pass over `rows` rows of `len` positions, where
+    /// the backbone can count them (the bench's GFLOP/s).
+    fn forward_flops(&self, _rows: usize, _len: usize) -> Option<f64> {
+        None
+    }
 }
 
 /// The multiplexing settings of a model.

@@ -120,9 +120,14 @@ struct Point {
     /// Both models use the index demultiplexer on a sequence backbone.
     demux: DemuxKind,
     throughput: f64,
-    stages: Vec<(&'static str, f64)>,
+    stages: Stages,
+    /// Encoder floating-point operations of one pass (all its calls).
+    encoder_flops: Option<f64>,
     train_ms: Option<f64>,
 }
+
+/// Median ms per pass of each stage, by name.
+type Stages = Vec<(&'static str, f64)>;
 
 /// Time the stages of one pass, each alone on inputs computed outside the clock, looping over
 /// the pass's forward calls as the full pass does: `frontend` (embedding and mux as the model
@@ -135,7 +140,7 @@ fn time_stages<F: Frontend, B: Backbone>(
     cfg: &SpeedConfig,
     instances: usize,
     mut record: impl FnMut(&'static str, &Timing),
-) -> Result<Vec<(&'static str, f64)>> {
+) -> Result<(Stages, Option<f64>)> {
     let cfg = SpeedConfig {
         warmup_iters: 1,
         ..cfg.clone()
@@ -174,6 +179,15 @@ fn time_stages<F: Frontend, B: Backbone>(
         .iter()
         .map(|x| net.embed_and_mux(x, false))
         .collect::<candle_core::Result<Vec<_>>>()?;
+    // Every call's (B, T, D) as the encoder receives it, prefix included.
+    let encoder_flops = muxed
+        .iter()
+        .map(|(xs, _)| {
+            let (b, t, _) = xs.dims3()?;
+            Ok(net.backbone.forward_flops(b, t))
+        })
+        .collect::<candle_core::Result<Option<Vec<f64>>>>()?
+        .map(|v| v.iter().sum());
     stage("encoder", &mut || {
         for (xs, pad) in &muxed {
             net.backbone.forward_t(xs, pad.as_ref(), false)?;
@@ -201,7 +215,7 @@ fn time_stages<F: Frontend, B: Backbone>(
         }
         Ok(())
     })?;
-    Ok(stages)
+    Ok((stages, encoder_flops))
 }
 
 fn text_point(size: Size, n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>) -> Result<Point> {
@@ -239,7 +253,7 @@ fn text_point(size: Size, n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>)
     let full = speed::time_batches(&task, &batches, instances, t, |_, _| {})?;
     rows.push(row(&id, "inference", cfg.seq_len, &full));
     let inputs: Vec<_> = batches.iter().map(|b| &b.input).collect();
-    let stages = time_stages(
+    let (stages, encoder_flops) = time_stages(
         &task.net,
         &inputs,
         |z| task.head_logits(z),
@@ -296,6 +310,7 @@ fn text_point(size: Size, n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>)
         demux: DemuxKind::Index,
         throughput: full.throughput(),
         stages,
+        encoder_flops,
         train_ms,
     })
 }
@@ -329,7 +344,7 @@ fn vit_point(n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>) -> Result<Po
     let id = identity("vit", &size, n, "index");
     rows.push(row(&id, "inference", seq, &full));
     let inputs: Vec<_> = batches.iter().map(|b| &b.input).collect();
-    let stages = time_stages(
+    let (stages, encoder_flops) = time_stages(
         &task.net,
         &inputs,
         |z| task.head.forward(z),
@@ -344,8 +359,29 @@ fn vit_point(n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>) -> Result<Po
         demux: DemuxKind::Index,
         throughput: full.throughput(),
         stages,
+        encoder_flops,
         train_ms: None,
     })
+}
+
+/// The machine's f32 matmul rate in GFLOP/s with the current threads, as candle runs it: the
+/// median of 5 products (4096 x 1024) · (1024 x 1024) after one warm-up. The encoder's GFLOP/s
+/// is read as a share of this.
+pub fn matmul_rate() -> Result<f64> {
+    let (m, k, n) = (4096, 1024, 1024);
+    let mut rng = rng_for(0, "bench.matmul");
+    let a = Tensor::from_vec(randn_vec(&mut rng, m * k), (m, k), &Device::Cpu)?;
+    let b = Tensor::from_vec(randn_vec(&mut rng, k * n), (k, n), &Device::Cpu)?;
+    a.matmul(&b)?;
+    let mut secs: Vec<f64> = (0..5)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            a.matmul(&b)?;
+            Ok(start.elapsed().as_secs_f64())
+        })
+        .collect::<Result<_>>()?;
+    secs.sort_by(f64::total_cmp);
+    Ok(2.0 * (m * k * n) as f64 / secs[2] / 1e9)
 }
 
 /// Run the bench, print the table and write `<out>/bench/speed.parquet`.
@@ -364,7 +400,8 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SpeedRow>> {
             points.push(vit_point(n, cfg, &mut rows)?);
         }
     }
-    println!("{}", table(&points, cfg));
+    let matmul = matmul_rate()?;
+    println!("{}", table(&points, cfg, matmul));
     let dir = cfg.out.join("bench");
     std::fs::create_dir_all(&dir)?;
     results::write_table(&dir.join("speed.parquet"), &rows)?;
@@ -375,7 +412,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SpeedRow>> {
     Ok(rows)
 }
 
-fn table(points: &[Point], cfg: &BenchConfig) -> String {
+fn table(points: &[Point], cfg: &BenchConfig, matmul_gflops: f64) -> String {
     let threads = candle_core::utils::get_num_threads();
     let calls = |t: &SpeedConfig| {
         t.rows_per_call
@@ -384,8 +421,10 @@ fn table(points: &[Point], cfg: &BenchConfig) -> String {
     let mut s = format!(
         "inference, {threads} thread(s); text: {} instances per pass in {}; ViT: {} in {}; \
          stages are medians in ms per pass (frontend = embedding + mux as the model runs them, \
-         embed / mux = the two-step path); train step: {} instances\n\
-         {:<12} {:>3} {:>4} {:>10} {:>8} {:>7} {:>6} {:>9} {:>8} {:>8} {:>9} {:>7} {:>7} {:>11}\n",
+         embed / mux = the two-step path); train step: {} instances; encoder GFLOP/s and its \
+         share of this machine's f32 matmul, {matmul_gflops:.1} GFLOP/s ((4096 x 1024) · \
+         (1024 x 1024), same threads)\n\
+         {:<12} {:>3} {:>4} {:>10} {:>8} {:>7} {:>6} {:>9} {:>8} {:>8} {:>9} {:>8} {:>6} {:>7} {:>7} {:>11}\n",
         cfg.timing.batch_instances,
         calls(&cfg.timing),
         cfg.vit_timing.batch_instances,
@@ -402,6 +441,8 @@ fn table(points: &[Point], cfg: &BenchConfig) -> String {
         "embed",
         "mux",
         "encoder",
+        "GFLOP/s",
+        "of mm",
         "demux",
         "head",
         "train step"
@@ -416,8 +457,13 @@ fn table(points: &[Point], cfg: &BenchConfig) -> String {
                 .find(|(k, _)| *k == name)
                 .map_or("–".into(), |(_, v)| format!("{v:.2}"))
         };
+        // flops per pass over the encoder stage's median ms per pass
+        let gflops = p
+            .encoder_flops
+            .zip(p.stages.iter().find(|(k, _)| *k == "encoder"))
+            .map(|(flops, (_, ms))| flops / (ms / 1e3) / 1e9);
         s += &format!(
-            "{:<12} {:>3} {:>4} {:>10.1} {:>8} {:>7.2} {:>6} {:>9} {:>8} {:>8} {:>9} {:>7} {:>7} {:>11}\n",
+            "{:<12} {:>3} {:>4} {:>10.1} {:>8} {:>7.2} {:>6} {:>9} {:>8} {:>8} {:>9} {:>8} {:>6} {:>7} {:>7} {:>11}\n",
             p.label,
             p.n,
             p.seq_len,
@@ -429,6 +475,11 @@ fn table(points: &[Point], cfg: &BenchConfig) -> String {
             stage("embedding"),
             stage("mux"),
             stage("encoder"),
+            gflops.map_or("–".into(), |v| format!("{v:.1}")),
+            gflops.map_or("–".into(), |v| format!(
+                "{:.0} %",
+                100.0 * v / matmul_gflops
+            )),
             stage("demux"),
             stage("head"),
             p.train_ms.map_or("–".into(), |v| format!("{v:.1} ms")),

@@ -205,6 +205,10 @@ impl Backbone for TextBackbone {
     fn name(&self) -> String {
         "the text transformer".into()
     }
+
+    fn forward_flops(&self, rows: usize, len: usize) -> Option<f64> {
+        self.encoder.forward_flops(rows, len)
+    }
 }
 
 #[cfg(test)]

@@ -178,6 +178,13 @@ impl Backbone for VisionBackbone {
         matches!(self, Self::Vit(_))
     }
 
+    fn forward_flops(&self, rows: usize, len: usize) -> Option<f64> {
+        match self {
+            Self::Vit(m) => m.forward_flops(rows, len),
+            Self::Mlp(_) | Self::Cnn(_) => None,
+        }
+    }
+
     fn name(&self) -> String {
         match self {
             Self::Mlp(_) => "the MLP".into(),
