@@ -220,7 +220,6 @@ impl Layer {
 pub struct Encoder {
     layers: Vec<Layer>,
     final_norm: Option<LayerNorm>,
-    hidden_size: usize,
     cfg: Config,
 }
 
@@ -242,7 +241,6 @@ impl Encoder {
         Ok(Self {
             layers,
             final_norm,
-            hidden_size: cfg.hidden_size,
             cfg: cfg.clone(),
         })
     }
@@ -265,10 +263,10 @@ impl Backbone for Encoder {
     /// `(B, T, D)`, pad `(B, T)` -> `(B, T, D)`.
     fn forward_t(&self, xs: &Tensor, pad: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let (_b, _t, d) = xs.dims3()?;
-        if d != self.hidden_size {
+        if d != self.cfg.hidden_size {
             candle_core::bail!(
                 "encoder expects width {}, got {:?}",
-                self.hidden_size,
+                self.cfg.hidden_size,
                 xs.shape()
             );
         }
@@ -284,7 +282,7 @@ impl Backbone for Encoder {
     }
 
     fn hidden_size(&self) -> usize {
-        self.hidden_size
+        self.cfg.hidden_size
     }
 
     fn forward_flops(&self, rows: usize, len: usize) -> Option<f64> {

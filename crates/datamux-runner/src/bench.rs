@@ -373,15 +373,14 @@ pub fn matmul_rate() -> Result<f64> {
     let a = Tensor::from_vec(randn_vec(&mut rng, m * k), (m, k), &Device::Cpu)?;
     let b = Tensor::from_vec(randn_vec(&mut rng, k * n), (k, n), &Device::Cpu)?;
     a.matmul(&b)?;
-    let mut secs: Vec<f64> = (0..5)
+    let secs: Vec<f64> = (0..5)
         .map(|_| {
             let start = std::time::Instant::now();
             a.matmul(&b)?;
             Ok(start.elapsed().as_secs_f64())
         })
         .collect::<Result<_>>()?;
-    secs.sort_by(f64::total_cmp);
-    Ok(2.0 * (m * k * n) as f64 / secs[2] / 1e9)
+    Ok(2.0 * (m * k * n) as f64 / speed::median(&secs) / 1e9)
 }
 
 /// Run the bench, print the table and write `<out>/bench/speed.parquet`.
@@ -451,17 +450,13 @@ fn table(points: &[Point], cfg: &BenchConfig, matmul_gflops: f64) -> String {
         let base = points.iter().find(|b| b.label == p.label && b.n == 1);
         let speedup = base.map(|b| p.throughput / b.throughput);
         let ideal = ideal_speedup(p.n, p.seq_len, p.demux, true);
-        let stage = |name: &str| {
-            p.stages
-                .iter()
-                .find(|(k, _)| *k == name)
-                .map_or("–".into(), |(_, v)| format!("{v:.2}"))
-        };
+        let ms = |name: &str| p.stages.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+        let stage = |name: &str| ms(name).map_or("–".into(), |v| format!("{v:.2}"));
         // flops per pass over the encoder stage's median ms per pass
         let gflops = p
             .encoder_flops
-            .zip(p.stages.iter().find(|(k, _)| *k == "encoder"))
-            .map(|(flops, (_, ms))| flops / (ms / 1e3) / 1e9);
+            .zip(ms("encoder"))
+            .map(|(flops, ms)| flops / (ms / 1e3) / 1e9);
         s += &format!(
             "{:<12} {:>3} {:>4} {:>10.1} {:>8} {:>7.2} {:>6} {:>9} {:>8} {:>8} {:>9} {:>8} {:>6} {:>7} {:>7} {:>11}\n",
             p.label,
