@@ -6,12 +6,15 @@
 //! `princeton-nlp/DataMUX` (method.md §6.1). Unlike the reference, muxed padding is masked: a
 //! position is masked only where every instance is padding (method.md §13, difference 2).
 
+use std::sync::Arc;
+
 use candle_core::Module;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::fused;
 use crate::layers::{self, LayerNorm, Linear};
 use crate::model::Backbone;
 
@@ -145,8 +148,37 @@ impl Attention {
         })
     }
 
-    /// `(B, T, D)`, bias `(B, 1, 1, T)` -> `(B, T, D)`.
+    /// `(B, T, D)`, bias `(B, 1, 1, T)` -> `(B, T, D)`: the fused kernel where it runs
+    /// (`fused::supported`), the composed ops elsewhere.
     fn forward_t(&self, xs: &Tensor, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        if fused::supported(xs) {
+            self.forward_fused(xs, bias, train)
+        } else {
+            self.forward_composed(xs, bias, train)
+        }
+    }
+
+    /// One `(D, 3D)` projection for Q, K and V, then `fused::attention`. The dropout mask is
+    /// drawn from the same stream, in the same order, as the composed path draws it.
+    fn forward_fused(&self, xs: &Tensor, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let (b, t, d) = xs.dims3()?;
+        let weights = [&self.q, &self.k, &self.v];
+        let w = Tensor::cat(&weights.map(Linear::weight), 0)?; // (3D, D)
+        let bias_qkv = match weights.map(Linear::bias) {
+            [Some(q), Some(k), Some(v)] => Some(Tensor::cat(&[q, k, v], 0)?), // (3D)
+            _ => None,
+        };
+        let qkv = xs.apply(&Linear::new(w, bias_qkv))?; // (B, T, 3D)
+        let key_bias = bias
+            .map(|t| t.flatten_all()?.to_vec1::<f32>().map(Arc::new))
+            .transpose()?; // (B·T)
+        let keep = (train && self.dropout > 0.0)
+            .then(|| Arc::new(layers::dropout_mask(b * self.heads * t * t, self.dropout)));
+        let scale = 1.0 / ((d / self.heads) as f64).sqrt();
+        fused::attention(&qkv, self.heads, scale, key_bias, keep)?.apply(&self.o)
+    }
+
+    fn forward_composed(&self, xs: &Tensor, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let (b, t, d) = xs.dims3()?;
         let (h, hd) = (self.heads, d / self.heads);
         // (B, T, D) -> (B, T, H, hd) -> (B, H, T, hd)
@@ -193,7 +225,7 @@ impl Layer {
     }
 
     fn ffn(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.apply(&self.ffn_in)?.gelu_erf()?.apply(&self.ffn_out)
+        fused::gelu_erf(&xs.apply(&self.ffn_in)?)?.apply(&self.ffn_out)
     }
 
     fn forward_t(&self, xs: &Tensor, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
@@ -316,6 +348,54 @@ impl Module for Encoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fused attention gives the composed path's values and gradients, dropout included
+    /// (same seed, same mask), with padding, at odd sizes.
+    #[test]
+    fn fused_and_composed_attention_agree() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let cfg = Config {
+            attention_probs_dropout_prob: 0.3,
+            ..Config::tiny()
+        };
+        let map = crate::init::SeededVarMap::new(3);
+        let attn = Attention::new(&cfg, map.var_builder(DType::F32, &dev).pp("attn"))?;
+        let xs = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., (3, 7, 32), &dev)?)?;
+        let pad = Tensor::from_slice(&[0u8, 0, 0, 0, 0, 1, 1], (1, 7), &dev)?.repeat((3, 1))?;
+        let bias = padding_bias(&pad, DType::F32)?;
+        let r = Tensor::randn(0f32, 1., (3, 7, 32), &dev)?;
+        for train in [false, true] {
+            layers::seed_dropout(5, "t");
+            let a = attn.forward_fused(&xs, Some(&bias), train)?;
+            layers::seed_dropout(5, "t");
+            let b = attn.forward_composed(&xs, Some(&bias), train)?;
+            let diff = (&a - &b)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "train {train}: values differ by {diff}");
+            if !train {
+                // The composed inference path uses candle's fused softmax, which has no backward.
+                continue;
+            }
+            let (ga, gb) = (
+                (&a * &r)?.sum_all()?.backward()?,
+                (&b * &r)?.sum_all()?.backward()?,
+            );
+            let vars = map.sorted_vars()?;
+            let named = vars.iter().map(|(n, v)| (n.as_str(), v.as_tensor()));
+            for (name, var) in named.chain([("xs", xs.as_tensor())]) {
+                // The key bias shifts each query's scores by a constant: its gradient is zero,
+                // and candle's backward may leave it out.
+                let zeros = var.zeros_like()?;
+                let (p, q) = (ga.get(var).unwrap_or(&zeros), gb.get(var).unwrap_or(&zeros));
+                let diff = (p - q)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "gradient of {name} differs by {diff}");
+            }
+        }
+        Ok(())
+    }
 
     /// The count is the sum of 2·m·k·n over the matmuls one layer runs, listed by shape.
     #[test]

@@ -115,8 +115,9 @@ pub fn mul_trailing(xs: &Tensor, g: &Tensor) -> Result<Tensor> {
     xs * expand_trailing(g, xs.dims())?
 }
 
-/// A linear layer `(.., in) -> (.., out)`: one 2-D matmul over every row, then the bias through
-/// [`add_trailing`]. candle-nn's `Linear` adds the bias by broadcasting, and falls back to a
+/// A linear layer `(.., in) -> (.., out)`: on the CPU in f32 `fused::linear` (bias and product
+/// in one pass, its own backward); elsewhere one 2-D matmul over every row, then the bias
+/// through [`add_trailing`]. candle-nn's `Linear` adds the bias by broadcasting, and falls back to a
 /// batched matmul with a broadcast weight (whose gradient is the slow reduction over the batch)
 /// for inputs that are not contiguous.
 #[derive(Clone, Debug)]
@@ -152,13 +153,15 @@ impl Module for Linear {
         let (out, din) = self.weight.dims2()?;
         let mut dims = xs.dims().to_vec();
         // (.., in) -> (R, in) -> (R, out) -> (.., out)
-        let ys = xs
-            .contiguous()?
-            .reshape(((), din))?
-            .matmul(&self.weight.t()?)?;
-        let ys = match &self.bias {
-            Some(b) => add_trailing(&ys, b)?,
-            None => ys,
+        let flat = xs.contiguous()?.reshape(((), din))?;
+        let ys = if crate::fused::supported(&flat) && crate::fused::supported(&self.weight) {
+            crate::fused::linear(&flat, &self.weight, self.bias.as_ref())?
+        } else {
+            let ys = flat.matmul(&self.weight.t()?)?;
+            match &self.bias {
+                Some(b) => add_trailing(&ys, b)?,
+                None => ys,
+            }
         };
         if let Some(last) = dims.last_mut() {
             *last = out;
@@ -272,15 +275,21 @@ pub fn dropout(xs: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     if !(train && p > 0.0) {
         return Ok(xs.clone());
     }
-    let (p, scale) = (p as f32, (1.0 / (1.0 - p)) as f32);
-    let mask: Vec<f32> = DROPOUT_RNG.with(|r| {
-        let mut rng = r.borrow_mut();
-        (0..xs.elem_count())
-            .map(|_| if rng.random::<f32>() < p { 0.0 } else { scale })
-            .collect()
-    });
+    let mask = dropout_mask(xs.elem_count(), p);
     let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
     xs * mask
+}
+
+/// The next `len` inverted-dropout factors of this thread's stream: 0 with probability `p`,
+/// `1 / (1 - p)` otherwise; what [`dropout`] multiplies a tensor of `len` elements by.
+pub fn dropout_mask(len: usize, p: f64) -> Vec<f32> {
+    let (p, scale) = (p as f32, (1.0 / (1.0 - p)) as f32);
+    DROPOUT_RNG.with(|r| {
+        let mut rng = r.borrow_mut();
+        (0..len)
+            .map(|_| if rng.random::<f32>() < p { 0.0 } else { scale })
+            .collect()
+    })
 }
 
 /// Softmax over the last dimension: the fused kernel at inference, the differentiable composite

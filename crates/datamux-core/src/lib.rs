@@ -8,6 +8,7 @@
 //! - [`mux`]: the multiplexers, `(B, N, L, D) -> (B, L, D)`;
 //! - [`demux`]: the index prefix and the demultiplexers, `(B, P+L, D) -> (B, N, L', D)`;
 //! - [`retrieval`]: the retrieval warm-up head and its target sampling;
+//! - [`fused`]: fused CPU kernels with backward passes (attention, GELU) the encoder runs on;
 //! - [`encoder`]: the Transformer encoder with a key-padding mask, shared by text and ViT;
 //! - [`model`]: [`MuxNet`], the one assembly of frontend, prefix, mux, backbone and demux;
 //! - [`heads`]: shared classification heads on demultiplexed representations;
@@ -21,6 +22,7 @@
 pub mod demux;
 pub mod encoder;
 pub mod error;
+pub mod fused;
 pub mod group;
 pub mod heads;
 pub mod init;

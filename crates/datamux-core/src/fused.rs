@@ -1,0 +1,852 @@
+//! Fused CPU kernels with their own backward passes, for the encoder's two most expensive
+//! non-matmul stages (docs/performance.md): the attention block between the Q/K/V projections
+//! and the output projection, and the FFN's GELU; and the linear layer with its bias.
+//!
+//! Why: composed from candle ops, one attention block is ~10 tensor ops per layer, each a pass
+//! over a `(B, H, T, T)` tensor with a fresh allocation, and candle runs the batched score
+//! products with its own thread split per `(T, hd) x (hd, T)` product (47 GFLOP/s measured).
+//! Here one task per sequence runs all its heads on the calling thread with a `T x T` scratch
+//! buffer, and the backward pass recomputes the probabilities instead of keeping them. GELU with
+//! candle's `erf` runs a scalar libm-style call per element (4.4 ms for `(1040, 1024)`); here it
+//! is a branch-free rational approximation the compiler vectorises, forward and backward.
+//!
+//! Only f32 on the CPU goes through these kernels; [`supported`] says when, and callers keep
+//! the composed path for anything else (a CUDA device, f16). Tests compare both paths' values and
+//! gradients at odd sizes.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use datamux_kernels::{View, ViewMut};
+use rayon::prelude::*;
+
+/// Whether the fused kernels can run on this tensor: f32 on the CPU.
+pub fn supported(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && xs.dtype() == DType::F32
+}
+
+/// The contiguous f32 data of a CPU storage, or an error naming the op.
+fn f32_data<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("{op}: f32 only, got {:?}", s.dtype())
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: expects a contiguous input"),
+    }
+}
+
+fn kernel_err(e: String) -> candle_core::Error {
+    candle_core::Error::Msg(e)
+}
+
+/// `f` compiled for the widest SIMD level this CPU has (AVX-512, AVX2 + FMA, or the baseline),
+/// chosen at run time as gemm does: the plain loops of the `#[inline(always)]` kernels it calls
+/// vectorise at that width instead of the SSE2 the build targets.
+#[inline(always)]
+fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
+}
+
+/// Lanes of the row reductions: independent partial maxima / sums the compiler keeps in one
+/// vector register (a float reduction is not reassociated into SIMD on its own).
+const LANES: usize = 16;
+
+/// `row <- softmax(row + bias)` in place.
+#[inline(always)]
+fn softmax_row(row: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(bias) = bias {
+        row.iter_mut().zip(bias).for_each(|(s, b)| *s += b);
+    }
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    row.iter_mut().for_each(|s| *s = exp(*s - max));
+    let inv = 1.0 / lane_sum(row);
+    row.iter_mut().for_each(|s| *s *= inv);
+}
+
+/// `Σ row`, in `LANES` partial sums.
+#[inline(always)]
+fn lane_sum(row: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        lanes.iter_mut().zip(c).for_each(|(s, &x)| *s += x);
+    }
+    chunks.remainder().iter().sum::<f32>() + lanes.iter().sum::<f32>()
+}
+
+/// `Σ a ⊙ b`, in `LANES` partial sums.
+#[inline(always)]
+fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, &x), &y) in lanes.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    tail + lanes.iter().sum::<f32>()
+}
+
+/// Elements per parallel chunk of the elementwise kernels: large enough that the task overhead
+/// is small, small enough that 2+ threads share a `(1040, 1024)` activation evenly.
+const CHUNK: usize = 1 << 14;
+
+/// `e^x` to ~2 ulp over the f32 range, branch-free so that loops over it vectorise: Cody-Waite
+/// reduction `x = n ln 2 + r`, a degree-6 polynomial for `e^r` on `|r| <= ln 2 / 2` (the
+/// coefficients of Cephes' `expf`), and `2^n` built in the exponent bits. Inputs are clamped to
+/// `[-87, 88]`, where `e^x` is normal; below that it returns ~1.6e-38 where the exact value
+/// underflows to 0.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Round to nearest by the 1.5 * 2^23 trick: `round` has no SSE2 instruction.
+    const SHIFT: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + SHIFT) - SHIFT;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_2e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    // n is in [-126, 127] after the clamp, so the biased exponent is a normal one.
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `erf(x)` to a few f32 ulp: the odd/even rational approximation on `[-4, 4]` used by Eigen's
+/// and XLA's f32 `erf` (outside it `erf` is ±1 in f32). Branch-free, so it vectorises.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let p = -2.726_142e-10;
+    let p = p * x2 + 2.770_681_4e-8;
+    let p = p * x2 - 2.101_024e-6;
+    let p = p * x2 - 5.692_506_4e-5;
+    let p = p * x2 - 7.349_906_3e-4;
+    let p = p * x2 - 2.954_6e-3;
+    let p = p * x2 - 1.609_603_3e-2;
+    let q = -1.456_607_2e-5;
+    let q = q * x2 - 2.133_740_6e-4;
+    let q = q * x2 - 1.682_827e-3;
+    let q = q * x2 - 7.373_329_2e-3;
+    let q = q * x2 - 1.426_474e-2;
+    x * p / q
+}
+
+/// `x Φ(x)` with `Φ` the standard normal CDF: the exact (erf) GELU of BERT and RoBERTa.
+#[inline(always)]
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// `d/dx x Φ(x) = Φ(x) + x φ(x)`.
+#[inline(always)]
+fn gelu_grad(x: f32) -> f32 {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+    cdf + x * INV_SQRT_2PI * exp(-0.5 * x * x)
+}
+
+/// The exact GELU, fused on the CPU (with its backward), candle's `gelu_erf` elsewhere.
+pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
+    if supported(xs) {
+        xs.contiguous()?.apply_op1(GeluErf)
+    } else {
+        xs.gelu_erf()
+    }
+}
+
+struct GeluErf;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let xs = f32_data(self.name(), s, l)?;
+        let mut ys = vec![0f32; xs.len()];
+        ys.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK))
+            .for_each(|(y, x)| vectorized(|| y.iter_mut().zip(x).for_each(|(y, &x)| *y = gelu(x))));
+        Ok((CpuStorage::F32(ys), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            arg.contiguous()?
+                .apply_op2_no_bwd(&grad.contiguous()?, &GeluErfGrad)?,
+        ))
+    }
+}
+
+/// `(x, dy) -> dy * gelu'(x)`.
+struct GeluErfGrad;
+
+impl CustomOp2 for GeluErfGrad {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (xs, gs) = (
+            f32_data(self.name(), s1, l1)?,
+            f32_data(self.name(), s2, l2)?,
+        );
+        if xs.len() != gs.len() {
+            candle_core::bail!("{}: {:?} vs {:?}", self.name(), l1.shape(), l2.shape());
+        }
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK)))
+            .for_each(|(d, (x, g))| {
+                vectorized(|| {
+                    for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+                        *d = g * gelu_grad(x);
+                    }
+                })
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// `x (R, I) · wᵀ + b` for `w (O, I)`, `b (O)`: one pass of row blocks in parallel, the bias
+/// written into the output before the product accumulates onto it (candle adds it in a second
+/// pass over a broadcast or expanded copy). The backward pass is three matmuls, the bias'
+/// gradient as `1ᵀ · dy` (a sum over rows would take candle's slow reduction, `layers` docs).
+pub fn linear(xs: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (xs, w) = (xs.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => xs.apply_op3(&w, &b.contiguous()?, FusedLinear),
+        None => xs.apply_op2(&w, FusedLinear),
+    }
+}
+
+struct FusedLinear;
+
+impl FusedLinear {
+    fn run(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = "fused-linear";
+        let (rows, din) = l1.shape().dims2()?;
+        let (dout, win) = l2.shape().dims2()?;
+        if din != win {
+            candle_core::bail!("{name}: input {:?} for weight {:?}", l1.dims(), l2.dims());
+        }
+        let (x, w) = (f32_data(name, s1, l1)?, f32_data(name, s2, l2)?);
+        let b = bias.map(|(s, l)| f32_data(name, s, l)).transpose()?;
+        let mut out = vec![0f32; rows * dout];
+        datamux_kernels::linear(x, din, w, b, &mut out).map_err(kernel_err)?;
+        Ok((CpuStorage::F32(out), Shape::from((rows, dout))))
+    }
+
+    /// `(dx, dw)` of `x (R, I)`, `w (O, I)` for `dy (R, O)`.
+    fn grads(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((dy.matmul(w)?, dy.t()?.matmul(x)?))
+    }
+}
+
+impl CustomOp2 for FusedLinear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = Self::grads(x, w, dy)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl candle_core::CustomOp3 for FusedLinear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = Self::grads(x, w, dy)?;
+        // (1, R) · (R, O) -> (1, O) -> (O)
+        let ones = Tensor::ones((1, dy.dim(0)?), dy.dtype(), dy.device())?;
+        let db = ones.matmul(dy)?.squeeze(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Multi-head scaled dot-product attention over packed projections: `qkv (B, T, 3D)` (each row
+/// `[q | k | v]`, head `h` at columns `h·hd..(h+1)·hd` of each third) -> context `(B, T, D)`,
+/// `softmax(q kᵀ · scale + bias) · v` per head. `bias` is an additive key bias `(B·T)` (padding);
+/// `keep` an inverted-dropout mask `(B·H·T·T)` on the probabilities (0 or `1 / (1 - p)`), in the
+/// order of a `(B, H, T, T)` tensor, so it is the mask `layers::dropout` would draw for them.
+pub fn attention(
+    qkv: &Tensor,
+    heads: usize,
+    scale: f64,
+    bias: Option<Arc<Vec<f32>>>,
+    keep: Option<Arc<Vec<f32>>>,
+) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1(Attention {
+        heads,
+        scale: scale as f32,
+        bias,
+        keep,
+    })
+}
+
+#[derive(Clone)]
+struct Attention {
+    heads: usize,
+    scale: f32,
+    bias: Option<Arc<Vec<f32>>>,
+    keep: Option<Arc<Vec<f32>>>,
+}
+
+/// The sizes of one call, checked against the op's bias and mask.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    d: usize,
+    hd: usize,
+}
+
+impl Attention {
+    fn dims(&self, shape: &Shape) -> Result<Dims> {
+        let (b, t, w) = shape.dims3()?;
+        let d = w / 3;
+        if w % 3 != 0 || self.heads == 0 || d % self.heads != 0 {
+            candle_core::bail!(
+                "fused attention: width {w} is not 3 x a multiple of {} heads",
+                self.heads
+            );
+        }
+        if let Some(bias) = &self.bias
+            && bias.len() != b * t
+        {
+            candle_core::bail!("fused attention: bias of {} for {b} x {t}", bias.len());
+        }
+        if let Some(keep) = &self.keep
+            && keep.len() != b * self.heads * t * t
+        {
+            candle_core::bail!("fused attention: dropout mask of {} elements", keep.len());
+        }
+        Ok(Dims {
+            b,
+            t,
+            d,
+            hd: d / self.heads,
+        })
+    }
+
+    /// The probabilities of head `h` of sequence `bi` into `p (T, T)`, before dropout.
+    fn probs(&self, qkv: &[f32], bi: usize, h: usize, dm: Dims, p: &mut [f32]) -> Result<()> {
+        let (t, d, hd) = (dm.t, dm.d, dm.hd);
+        let w = 3 * d;
+        // scores (T, T) = q_h (T, hd) · k_hᵀ (hd, T), k_hᵀ read in place: (c, j) -> k[j, c].
+        datamux_kernels::matmul(
+            t,
+            t,
+            hd,
+            ViewMut {
+                data: p,
+                offset: 0,
+                rs: t,
+            },
+            View {
+                data: qkv,
+                offset: h * hd,
+                rs: w,
+                cs: 1,
+            },
+            View {
+                data: qkv,
+                offset: d + h * hd,
+                rs: 1,
+                cs: w,
+            },
+            self.scale,
+            false,
+        )
+        .map_err(kernel_err)?;
+        let bias = self.bias.as_ref().map(|b| &b[bi * t..(bi + 1) * t]);
+        vectorized(|| p.chunks_exact_mut(t).for_each(|row| softmax_row(row, bias)));
+        Ok(())
+    }
+
+    fn keep_of(&self, bi: usize, h: usize, t: usize) -> Option<&[f32]> {
+        let at = (bi * self.heads + h) * t * t;
+        self.keep.as_ref().map(|k| &k[at..at + t * t])
+    }
+
+    /// One sequence's context `(T, D)` from its `qkv (T, 3D)`.
+    fn forward_seq(&self, qkv: &[f32], bi: usize, dm: Dims, out: &mut [f32]) -> Result<()> {
+        let (t, d, hd) = (dm.t, dm.d, dm.hd);
+        let mut p = vec![0f32; t * t];
+        for h in 0..self.heads {
+            self.probs(qkv, bi, h, dm, &mut p)?;
+            if let Some(keep) = self.keep_of(bi, h, t) {
+                vectorized(|| p.iter_mut().zip(keep).for_each(|(p, k)| *p *= k));
+            }
+            // ctx_h (T, hd) = p (T, T) · v_h (T, hd), written into columns h·hd.. of out.
+            datamux_kernels::matmul(
+                t,
+                hd,
+                t,
+                ViewMut {
+                    data: out,
+                    offset: h * hd,
+                    rs: d,
+                },
+                View {
+                    data: &p,
+                    offset: 0,
+                    rs: t,
+                    cs: 1,
+                },
+                View {
+                    data: qkv,
+                    offset: 2 * d + h * hd,
+                    rs: 3 * d,
+                    cs: 1,
+                },
+                1.0,
+                false,
+            )
+            .map_err(kernel_err)?;
+        }
+        Ok(())
+    }
+
+    /// One sequence's `dqkv (T, 3D)` from its `qkv (T, 3D)` and `dctx (T, D)`.
+    fn backward_seq(
+        &self,
+        qkv: &[f32],
+        dctx: &[f32],
+        bi: usize,
+        dm: Dims,
+        dqkv: &mut [f32],
+    ) -> Result<()> {
+        let (t, d, hd) = (dm.t, dm.d, dm.hd);
+        let w = 3 * d;
+        let (mut p, mut g) = (vec![0f32; t * t], vec![0f32; t * t]);
+        let mut dropped = if self.keep.is_some() {
+            vec![0f32; t * t]
+        } else {
+            Vec::new()
+        };
+        for h in 0..self.heads {
+            self.probs(qkv, bi, h, dm, &mut p)?;
+            let keep = self.keep_of(bi, h, t);
+            let used: &[f32] = match keep {
+                Some(keep) => {
+                    vectorized(|| {
+                        for ((o, p), k) in dropped.iter_mut().zip(&p).zip(keep) {
+                            *o = p * k;
+                        }
+                    });
+                    &dropped
+                }
+                None => &p,
+            };
+            // dv_h (T, hd) = usedᵀ (T, T) · dctx_h (T, hd).
+            datamux_kernels::matmul(
+                t,
+                hd,
+                t,
+                ViewMut {
+                    data: dqkv,
+                    offset: 2 * d + h * hd,
+                    rs: w,
+                },
+                View {
+                    data: used,
+                    offset: 0,
+                    rs: 1,
+                    cs: t,
+                },
+                View {
+                    data: dctx,
+                    offset: h * hd,
+                    rs: d,
+                    cs: 1,
+                },
+                1.0,
+                false,
+            )
+            .map_err(kernel_err)?;
+            // g (T, T) = dctx_h (T, hd) · v_hᵀ (hd, T): the gradient of the used probabilities.
+            datamux_kernels::matmul(
+                t,
+                t,
+                hd,
+                ViewMut {
+                    data: &mut g,
+                    offset: 0,
+                    rs: t,
+                },
+                View {
+                    data: dctx,
+                    offset: h * hd,
+                    rs: d,
+                    cs: 1,
+                },
+                View {
+                    data: qkv,
+                    offset: 2 * d + h * hd,
+                    rs: 1,
+                    cs: w,
+                },
+                1.0,
+                false,
+            )
+            .map_err(kernel_err)?;
+            // Softmax backward per row: ds = p ⊙ (g - Σ_j g_j p_j), g through the mask first.
+            vectorized(|| {
+                if let Some(keep) = keep {
+                    g.iter_mut().zip(keep).for_each(|(g, k)| *g *= k);
+                }
+                for (gr, pr) in g.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                    let dot = lane_dot(gr, pr);
+                    gr.iter_mut().zip(pr).for_each(|(g, p)| *g = p * (*g - dot));
+                }
+            });
+            // dq_h = scale · ds (T, T) · k_h (T, hd); dk_h = scale · dsᵀ · q_h.
+            datamux_kernels::matmul(
+                t,
+                hd,
+                t,
+                ViewMut {
+                    data: dqkv,
+                    offset: h * hd,
+                    rs: w,
+                },
+                View {
+                    data: &g,
+                    offset: 0,
+                    rs: t,
+                    cs: 1,
+                },
+                View {
+                    data: qkv,
+                    offset: d + h * hd,
+                    rs: w,
+                    cs: 1,
+                },
+                self.scale,
+                false,
+            )
+            .map_err(kernel_err)?;
+            datamux_kernels::matmul(
+                t,
+                hd,
+                t,
+                ViewMut {
+                    data: dqkv,
+                    offset: d + h * hd,
+                    rs: w,
+                },
+                View {
+                    data: &g,
+                    offset: 0,
+                    rs: 1,
+                    cs: t,
+                },
+                View {
+                    data: qkv,
+                    offset: h * hd,
+                    rs: w,
+                    cs: 1,
+                },
+                self.scale,
+                false,
+            )
+            .map_err(kernel_err)?;
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32_data(self.name(), s, l)?;
+        let dm = self.dims(l.shape())?;
+        let (t, d) = (dm.t, dm.d);
+        let mut out = vec![0f32; dm.b * t * d];
+        // One task per sequence: (T, 3D) in, (T, D) out.
+        out.par_chunks_mut(t * d)
+            .zip(qkv.par_chunks(t * 3 * d))
+            .enumerate()
+            .try_for_each(|(bi, (o, x))| self.forward_seq(x, bi, dm, o))?;
+        Ok((CpuStorage::F32(out), Shape::from((dm.b, t, d))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad_op = AttentionGrad(self.clone());
+        Ok(Some(
+            arg.contiguous()?
+                .apply_op2_no_bwd(&grad.contiguous()?, &grad_op)?,
+        ))
+    }
+}
+
+/// `(qkv (B, T, 3D), dctx (B, T, D)) -> dqkv (B, T, 3D)`.
+struct AttentionGrad(Attention);
+
+impl CustomOp2 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "fused-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (qkv, dctx) = (
+            f32_data(self.name(), s1, l1)?,
+            f32_data(self.name(), s2, l2)?,
+        );
+        let dm = self.0.dims(l1.shape())?;
+        let (t, d) = (dm.t, dm.d);
+        if l2.dims() != [dm.b, t, d] {
+            candle_core::bail!(
+                "{}: gradient {:?} for {:?}",
+                self.name(),
+                l2.dims(),
+                l1.dims()
+            );
+        }
+        let mut dqkv = vec![0f32; qkv.len()];
+        dqkv.par_chunks_mut(t * 3 * d)
+            .zip(qkv.par_chunks(t * 3 * d).zip(dctx.par_chunks(t * d)))
+            .enumerate()
+            .try_for_each(|(bi, (dq, (x, g)))| self.0.backward_seq(x, g, bi, dm, dq))?;
+        Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{D, Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    #[test]
+    fn exp_and_erf_are_accurate_to_float_tolerance() {
+        for i in -2000..=2000 {
+            let x = i as f32 * 0.01;
+            let (e, want) = (exp(x), x.exp());
+            assert!((e - want).abs() <= 4e-7 * want, "exp({x}) = {e} vs {want}");
+        }
+        assert!(exp(-1e9) < 1e-37 && exp(-1e9) >= 0.0);
+        assert!(exp(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    /// GELU and its gradient match candle's erf GELU (and its backward) at odd sizes.
+    #[test]
+    fn fused_gelu_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 3., (7, 5, 13), &dev)?))?;
+        let r = Tensor::randn(0f32, 1., (7, 5, 13), &dev)?;
+        let (ours, theirs) = (gelu_erf(&x)?, x.gelu_erf()?);
+        assert!(max_diff(&ours, &theirs)? < 2e-6);
+        let go = (&ours * &r)?.sum_all()?.backward()?;
+        let gt = (&theirs * &r)?.sum_all()?.backward()?;
+        let (a, b) = (go.get(&x).unwrap(), gt.get(&x).unwrap());
+        assert!(max_diff(a, b)? < 1e-5, "gelu grad {}", max_diff(a, b)?);
+        Ok(())
+    }
+
+    #[test]
+    fn fused_linear_matches_matmul_and_bias() -> Result<()> {
+        let dev = Device::Cpu;
+        // More rows than one parallel block, so the row split is exercised.
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (203, 13), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1., (7, 13), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1., 7, &dev)?)?;
+        let r = Tensor::randn(0f32, 1., (203, 7), &dev)?;
+        for bias in [Some(b.as_tensor()), None] {
+            let ours = linear(&x, &w, bias)?;
+            let mut theirs = x.matmul(&w.t()?)?;
+            if let Some(b) = bias {
+                theirs = theirs.broadcast_add(b)?;
+            }
+            assert!(max_diff(&ours, &theirs)? < 1e-5);
+            let go = (&ours * &r)?.sum_all()?.backward()?;
+            let gt = (&theirs * &r)?.sum_all()?.backward()?;
+            for v in [x.as_tensor(), w.as_tensor()].into_iter().chain(bias) {
+                let (p, q) = (go.get(v).unwrap(), gt.get(v).unwrap());
+                assert_eq!(p.dims(), v.dims());
+                assert!(max_diff(p, q)? < 1e-4, "gradient of {:?}", v.shape());
+            }
+        }
+        assert!(
+            linear(&x, &r, None).is_err(),
+            "a weight of the wrong width is an error"
+        );
+        Ok(())
+    }
+
+    /// The composed reference: split heads, scores, bias, softmax, dropout, weighted values.
+    fn composite(
+        qkv: &Tensor,
+        h: usize,
+        bias: Option<&[f32]>,
+        keep: Option<&[f32]>,
+    ) -> Result<Tensor> {
+        let (b, t, w) = qkv.dims3()?;
+        let d = w / 3;
+        let hd = d / h;
+        // (B, T, D) -> (B, T, H, hd) -> (B, H, T, hd)
+        let split = |i: usize| -> Result<Tensor> {
+            qkv.narrow(2, i * d, d)?
+                .reshape((b, t, h, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let mut s = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        if let Some(bias) = bias {
+            let bias = Tensor::from_slice(bias, (b, 1, 1, t), qkv.device())?;
+            s = s.broadcast_add(&bias)?;
+        }
+        let mut p = candle_nn::ops::softmax(&s, D::Minus1)?;
+        if let Some(keep) = keep {
+            p = (p * Tensor::from_slice(keep, (b, h, t, t), qkv.device())?)?;
+        }
+        // (B, H, T, hd) -> (B, T, H, hd) -> (B, T, D)
+        p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composite_with_bias_and_dropout() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, h, hd) = (3, 7, 3, 5);
+        let d = h * hd;
+        let qkv = Var::from_tensor(&Tensor::randn(0f32, 1., (b, t, 3 * d), &dev)?)?;
+        let r = Tensor::randn(0f32, 1., (b, t, d), &dev)?;
+        // The last two keys of sequence 1 are padding.
+        let mut bias = vec![0f32; b * t];
+        bias[t + 5] = -1e9;
+        bias[t + 6] = -1e9;
+        let keep: Vec<f32> = (0..b * h * t * t)
+            .map(|i| if (i * 7919) % 10 == 3 { 0.0 } else { 1.0 / 0.9 })
+            .collect();
+        for (bias, keep) in [
+            (None, None),
+            (Some(&bias), None),
+            (Some(&bias), Some(&keep)),
+        ] {
+            let scale = 1.0 / (hd as f64).sqrt();
+            let ours = attention(
+                &qkv,
+                h,
+                scale,
+                bias.map(|b| Arc::new(b.clone())),
+                keep.map(|k| Arc::new(k.clone())),
+            )?;
+            let theirs = composite(
+                &qkv,
+                h,
+                bias.map(|b| b.as_slice()),
+                keep.map(|k| k.as_slice()),
+            )?;
+            assert_eq!(ours.dims(), &[b, t, d]);
+            assert!(
+                max_diff(&ours, &theirs)? < 1e-5,
+                "values {}",
+                max_diff(&ours, &theirs)?
+            );
+            let go = (&ours * &r)?.sum_all()?.backward()?;
+            let gt = (&theirs * &r)?.sum_all()?.backward()?;
+            let (a, c) = (go.get(&qkv).unwrap(), gt.get(&qkv).unwrap());
+            assert!(max_diff(a, c)? < 1e-5, "gradients {}", max_diff(a, c)?);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_attention_rejects_mismatched_shapes() -> Result<()> {
+        let qkv = Tensor::zeros((2, 3, 12), DType::F32, &Device::Cpu)?;
+        assert!(attention(&qkv, 5, 1.0, None, None).is_err());
+        assert!(attention(&qkv, 2, 1.0, Some(Arc::new(vec![0.0; 5])), None).is_err());
+        assert!(attention(&qkv, 2, 1.0, None, Some(Arc::new(vec![1.0; 7]))).is_err());
+        Ok(())
+    }
+}
