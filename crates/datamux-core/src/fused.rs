@@ -45,7 +45,7 @@ fn kernel_err(e: String) -> candle_core::Error {
 /// chosen at run time as gemm does: the plain loops of the `#[inline(always)]` kernels it calls
 /// vectorise at that width instead of the SSE2 the build targets.
 #[inline(always)]
-fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     pulp::Arch::new().dispatch(f)
 }
 

@@ -9,6 +9,7 @@
 //! - [`demux`]: the index prefix and the demultiplexers, `(B, P+L, D) -> (B, N, L', D)`;
 //! - [`retrieval`]: the retrieval warm-up head and its target sampling;
 //! - [`fused`]: fused CPU kernels with backward passes (attention, GELU) the encoder runs on;
+//! - [`optim`]: AdamW updating f32 CPU parameters in place, candle-nn's arithmetic;
 //! - [`encoder`]: the Transformer encoder with a key-padding mask, shared by text and ViT;
 //! - [`model`]: [`MuxNet`], the one assembly of frontend, prefix, mux, backbone and demux;
 //! - [`heads`]: shared classification heads on demultiplexed representations;
@@ -30,6 +31,7 @@ pub mod keys;
 pub mod layers;
 pub mod model;
 pub mod mux;
+pub mod optim;
 pub mod retrieval;
 pub mod task;
 

@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::{Optimizer, ParamsAdamW};
+use datamux_core::optim::AdamW;
 use datamux_core::group::{BucketedStream, TrainStream};
 use datamux_core::init::rng_for;
 use datamux_core::{SeededVarMap, Task};

@@ -5,7 +5,8 @@
 //!     cargo run --release -p datamux-text --example tiny_text
 
 use candle_core::{Device, Result};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::{Optimizer, ParamsAdamW};
+use datamux_core::optim::AdamW;
 use datamux_core::group::TrainStream;
 use datamux_core::init::rng_for;
 use datamux_core::{DemuxKind, Groups, MuxKind, Score, SeededVarMap, Task, model};

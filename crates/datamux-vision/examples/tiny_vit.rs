@@ -4,7 +4,8 @@
 //!     cargo run --release -p datamux-vision --example tiny_vit
 
 use candle_core::{Device, Result};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::{Optimizer, ParamsAdamW};
+use datamux_core::optim::AdamW;
 use datamux_core::group::TrainStream;
 use datamux_core::init::rng_for;
 use datamux_core::model;

@@ -251,10 +251,10 @@ pub fn toy_data(count: usize, sizes: &Sizes, seed: u64) -> ToyData {
 }
 
 /// AdamW over the sorted trainable variables.
-pub fn optimizer(map: &SeededVarMap, lr: f64) -> Result<candle_nn::AdamW> {
+pub fn optimizer(map: &SeededVarMap, lr: f64) -> Result<datamux_core::optim::AdamW> {
     use candle_nn::Optimizer;
     let vars = map.sorted_vars()?.into_iter().map(|(_, v)| v).collect();
-    candle_nn::AdamW::new(
+    datamux_core::optim::AdamW::new(
         vars,
         candle_nn::ParamsAdamW {
             lr,
