@@ -3,8 +3,9 @@
 //!
 //! Why not `candle_nn::LayerNorm`: in candle-nn 0.11.1 its forward on a contiguous input goes to
 //! the fused `ops::layer_norm`, a custom op without a backward pass, so gradients silently vanish
-//! (house-style §2.14). [`LayerNorm::forward_t`] composes the layer norm from primitives when
-//! training and uses the fused kernel only at inference.
+//! (house-style §2.14). [`LayerNorm::forward_t`] runs `fused::layer_norm`, which has one, on the
+//! CPU; elsewhere it composes the norm from primitives when training and uses candle-nn's kernel
+//! only at inference.
 //!
 //! Why [`expand_dim`] and [`Linear`]: candle-core 0.11.1 takes the gradient of a broadcast
 //! operand with a sum over the broadcast dimensions, and a sum over any dimension but the last
@@ -46,9 +47,12 @@ impl LayerNorm {
         (&self.weight, &self.bias, self.eps)
     }
 
-    /// `(.., D) -> (.., D)`.
+    /// `(.., D) -> (.., D)`: `fused::layer_norm` (with a backward) on the CPU in f32; elsewhere
+    /// the composed norm when training and candle-nn's kernel at inference.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if train {
+        if crate::fused::supported(xs) {
+            crate::fused::layer_norm(xs, &self.weight, &self.bias, self.eps)
+        } else if train {
             layer_norm_trainable(xs, &self.weight, &self.bias, self.eps)
         } else {
             candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps as f32)
@@ -364,10 +368,15 @@ mod tests {
         let vb = map.var_builder(DType::F32, &dev);
         let ln = LayerNorm::new(7, 1e-5, vb.pp("ln"))?;
         let xs = Tensor::arange(0f32, 21., &dev)?.reshape((3, 7))?.sqr()?;
+        // The three paths: ours (fused on the CPU), the composed one, candle-nn's kernel.
+        let (w, b, eps) = ln.params();
         let a = ln.forward_t(&xs, true)?;
-        let b = ln.forward_t(&xs, false)?;
-        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-4, "diff {diff}");
+        let c = layer_norm_trainable(&xs, w, b, eps)?;
+        let k = candle_nn::ops::layer_norm(&xs, w, b, eps as f32)?;
+        for other in [&c, &k] {
+            let diff = (&a - other)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "diff {diff}");
+        }
         Ok(())
     }
 }
