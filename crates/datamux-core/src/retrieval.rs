@@ -139,8 +139,7 @@ impl RetrievalHead {
         }
         let logits = self.logits(encoded, targets, train)?; // (K, V)
         let k = targets.len();
-        let target = Tensor::from_slice(&targets.targets, k, encoded.device())?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &target)?;
+        let loss = crate::fused::cross_entropy(&logits, &targets.targets)?;
         let pred = logits.argmax(1)?.to_vec1::<u32>()?;
         let correct = pred
             .iter()

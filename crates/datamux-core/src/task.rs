@@ -161,8 +161,7 @@ pub fn real_cross_entropy(logits: &Tensor, labels: &[u32], real: &[bool]) -> Res
     let dev = logits.device();
     let idx = Tensor::from_slice(&keep, keep.len(), dev)?;
     let kept_labels: Vec<u32> = keep.iter().map(|i| labels[*i as usize]).collect();
-    let target = Tensor::from_slice(&kept_labels, kept_labels.len(), dev)?;
-    candle_nn::loss::cross_entropy(&logits.index_select(&idx, 0)?, &target)
+    crate::fused::cross_entropy(&logits.index_select(&idx, 0)?, &kept_labels)
 }
 
 /// Per-slot accuracy counts of `(B·N, C)` logits over the real rows; row `r` is slot `r % N`.
