@@ -122,6 +122,22 @@ impl Config {
         let per_layer = t * (8.0 * d * d + 4.0 * d * f) + 4.0 * t * t * d;
         rows as f64 * self.num_hidden_layers as f64 * per_layer
     }
+
+    /// [`Self::forward_flops`] when the last layer queries only the first `keep` positions
+    /// (`Encoder::forward_prefix`): there Q, K and V are projected for every position (one packed
+    /// product), the scores and weighted values, the output projection and the FFN for `keep`.
+    pub fn prefix_flops(&self, rows: usize, len: usize, keep: usize) -> f64 {
+        let (d, f, t, k) = (
+            self.hidden_size as f64,
+            self.intermediate_size as f64,
+            len as f64,
+            keep.min(len) as f64,
+        );
+        let layers = self.num_hidden_layers as f64;
+        let full = t * (8.0 * d * d + 4.0 * d * f) + 4.0 * t * t * d;
+        let last = t * 6.0 * d * d + 4.0 * k * t * d + k * (2.0 * d * d + 4.0 * d * f);
+        rows as f64 * ((layers - 1.0) * full + last)
+    }
 }
 
 /// Multi-head self-attention with a key-padding bias.
@@ -150,17 +166,34 @@ impl Attention {
 
     /// `(B, T, D)`, bias `(B, 1, 1, T)` -> `(B, T, D)`: the fused kernel where it runs
     /// (`fused::supported`), the composed ops elsewhere.
-    fn forward_t(&self, xs: &Tensor, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    /// With `queries`, only the first that many positions attend: `(B, Q, D)`.
+    fn forward_t(
+        &self,
+        xs: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+        queries: Option<usize>,
+    ) -> Result<Tensor> {
         if fused::supported(xs) {
-            self.forward_fused(xs, bias, train)
+            self.forward_fused(xs, bias, train, queries)
         } else {
-            self.forward_composed(xs, bias, train)
+            let out = self.forward_composed(xs, bias, train)?;
+            match queries {
+                Some(q) => out.narrow(1, 0, q),
+                None => Ok(out),
+            }
         }
     }
 
     /// One `(D, 3D)` projection for Q, K and V, then `fused::attention`. The dropout mask is
     /// drawn from the same stream, in the same order, as the composed path draws it.
-    fn forward_fused(&self, xs: &Tensor, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    fn forward_fused(
+        &self,
+        xs: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+        queries: Option<usize>,
+    ) -> Result<Tensor> {
         let (b, t, d) = xs.dims3()?;
         let weights = [&self.q, &self.k, &self.v];
         let w = Tensor::cat(&weights.map(Linear::weight), 0)?; // (3D, D)
@@ -172,10 +205,11 @@ impl Attention {
         let key_bias = bias
             .map(|t| t.flatten_all()?.to_vec1::<f32>().map(Arc::new))
             .transpose()?; // (B·T)
+        let q = queries.unwrap_or(t);
         let keep = (train && self.dropout > 0.0)
-            .then(|| Arc::new(layers::dropout_mask(b * self.heads * t * t, self.dropout)));
+            .then(|| Arc::new(layers::dropout_mask(b * self.heads * q * t, self.dropout)));
         let scale = 1.0 / ((d / self.heads) as f64).sqrt();
-        fused::attention(&qkv, self.heads, scale, key_bias, keep)?.apply(&self.o)
+        fused::attention(&qkv, self.heads, scale, queries, key_bias, keep)?.apply(&self.o)
     }
 
     fn forward_composed(&self, xs: &Tensor, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
@@ -228,18 +262,31 @@ impl Layer {
         fused::gelu_erf(&xs.apply(&self.ffn_in)?)?.apply(&self.ffn_out)
     }
 
-    fn forward_t(&self, xs: &Tensor, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    /// `(B, T, D) -> (B, T, D)`, or `(B, Q, D)` for the first `Q = rows` positions only: every
+    /// position is still a key and value, but only those rows are queried and go on through the
+    /// FFN (the last layer under a demux that reads only the prefix).
+    fn forward_t(
+        &self,
+        xs: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+        rows: Option<usize>,
+    ) -> Result<Tensor> {
         let drop = |x: Tensor| layers::dropout(&x, self.dropout, train);
+        let residual = match rows {
+            Some(q) => xs.narrow(1, 0, q)?, // (B, Q, D)
+            None => xs.clone(),
+        };
         if self.pre_ln {
             let a = self
                 .attn
-                .forward_t(&self.attn_norm.forward_t(xs, train)?, bias, train)?;
-            let xs = (xs + drop(a)?)?;
+                .forward_t(&self.attn_norm.forward_t(xs, train)?, bias, train, rows)?;
+            let xs = (residual + drop(a)?)?;
             let f = self.ffn(&self.ffn_norm.forward_t(&xs, train)?)?;
             xs + drop(f)?
         } else {
-            let a = self.attn.forward_t(xs, bias, train)?;
-            let xs = self.attn_norm.forward_t(&(xs + drop(a)?)?, train)?;
+            let a = self.attn.forward_t(xs, bias, train, rows)?;
+            let xs = self.attn_norm.forward_t(&(residual + drop(a)?)?, train)?;
             let f = self.ffn(&xs)?;
             self.ffn_norm.forward_t(&(xs + drop(f)?)?, train)
         }
@@ -294,23 +341,19 @@ pub fn padding_bias(pad: &Tensor, dtype: DType) -> Result<Tensor> {
 impl Backbone for Encoder {
     /// `(B, T, D)`, pad `(B, T)` -> `(B, T, D)`.
     fn forward_t(&self, xs: &Tensor, pad: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let (_b, _t, d) = xs.dims3()?;
-        if d != self.cfg.hidden_size {
-            candle_core::bail!(
-                "encoder expects width {}, got {:?}",
-                self.cfg.hidden_size,
-                xs.shape()
-            );
-        }
-        let bias = pad.map(|p| padding_bias(p, xs.dtype())).transpose()?;
-        let mut xs = xs.clone();
-        for layer in &self.layers {
-            xs = layer.forward_t(&xs, bias.as_ref(), train)?;
-        }
-        match &self.final_norm {
-            Some(norm) => norm.forward_t(&xs, train),
-            None => Ok(xs),
-        }
+        self.forward_rows(xs, pad, train, None)
+    }
+
+    /// The last layer queries only the first `rows` positions: every earlier layer is needed
+    /// in full for its keys and values, the last one only for what is read.
+    fn forward_prefix(
+        &self,
+        xs: &Tensor,
+        pad: Option<&Tensor>,
+        train: bool,
+        rows: usize,
+    ) -> Result<Tensor> {
+        self.forward_rows(xs, pad, train, Some(rows))
     }
 
     fn hidden_size(&self) -> usize {
@@ -320,9 +363,45 @@ impl Backbone for Encoder {
     fn forward_flops(&self, rows: usize, len: usize) -> Option<f64> {
         Some(self.cfg.forward_flops(rows, len))
     }
+
+    fn prefix_flops(&self, rows: usize, len: usize, keep: usize) -> Option<f64> {
+        Some(self.cfg.prefix_flops(rows, len, keep))
+    }
 }
 
 impl Encoder {
+    /// `(B, T, D)` -> `(B, T, D)`, or `(B, rows, D)` with the last layer cut to those rows.
+    fn forward_rows(
+        &self,
+        xs: &Tensor,
+        pad: Option<&Tensor>,
+        train: bool,
+        rows: Option<usize>,
+    ) -> Result<Tensor> {
+        let (_b, t, d) = xs.dims3()?;
+        if rows.is_some_and(|r| r > t) {
+            candle_core::bail!("encoder: {rows:?} output rows of {t} positions");
+        }
+        if d != self.cfg.hidden_size {
+            candle_core::bail!(
+                "encoder expects width {}, got {:?}",
+                self.cfg.hidden_size,
+                xs.shape()
+            );
+        }
+        let bias = pad.map(|p| padding_bias(p, xs.dtype())).transpose()?;
+        let mut xs = xs.clone();
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let keep = if i == last { rows } else { None };
+            xs = layer.forward_t(&xs, bias.as_ref(), train, keep)?;
+        }
+        match &self.final_norm {
+            Some(norm) => norm.forward_t(&xs, train),
+            None => Ok(xs),
+        }
+    }
+
     /// One layer alone, for the per-stage micro-benchmark: `(B, T, D) -> (B, T, D)`.
     pub fn forward_layer(
         &self,
@@ -333,7 +412,7 @@ impl Encoder {
     ) -> Result<Tensor> {
         let bias = pad.map(|p| padding_bias(p, xs.dtype())).transpose()?;
         match self.layers.get(i) {
-            Some(layer) => layer.forward_t(xs, bias.as_ref(), train),
+            Some(layer) => layer.forward_t(xs, bias.as_ref(), train, None),
             None => candle_core::bail!("layer {i} out of range 0..{}", self.layers.len()),
         }
     }
@@ -366,7 +445,7 @@ mod tests {
         let r = Tensor::randn(0f32, 1., (3, 7, 32), &dev)?;
         for train in [false, true] {
             layers::seed_dropout(5, "t");
-            let a = attn.forward_fused(&xs, Some(&bias), train)?;
+            let a = attn.forward_fused(&xs, Some(&bias), train, None)?;
             layers::seed_dropout(5, "t");
             let b = attn.forward_composed(&xs, Some(&bias), train)?;
             let diff = (&a - &b)?
@@ -394,6 +473,35 @@ mod tests {
                 assert!(diff < 1e-5, "gradient of {name} differs by {diff}");
             }
         }
+        Ok(())
+    }
+
+    /// Cutting the last layer to the first rows gives those rows of the full output, post-LN
+    /// and pre-LN, with padding; and the count of its work is between none and the full one.
+    #[test]
+    fn prefix_rows_match_the_full_output() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        for pre_layer_norm in [false, true] {
+            let cfg = Config {
+                pre_layer_norm,
+                ..Config::tiny()
+            };
+            let map = crate::init::SeededVarMap::new(4);
+            let enc = Encoder::new(&cfg, map.var_builder(DType::F32, &dev))?;
+            let xs = Tensor::randn(0f32, 1., (3, 9, 32), &dev)?;
+            let pad = Tensor::from_slice(&[0u8, 0, 0, 0, 0, 0, 0, 1, 1], (1, 9), &dev)?
+                .repeat((3, 1))?;
+            let full = enc.forward_t(&xs, Some(&pad), false)?.narrow(1, 0, 4)?;
+            let part = enc.forward_prefix(&xs, Some(&pad), false, 4)?;
+            assert_eq!(part.dims(), &[3, 4, 32]);
+            let diff = (full - part)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "pre-LN {pre_layer_norm}: {diff}");
+            assert!(enc.forward_prefix(&xs, Some(&pad), false, 10).is_err());
+        }
+        let cfg = Config::tiny();
+        let (all, cut) = (cfg.forward_flops(3, 9), cfg.prefix_flops(3, 9, 4));
+        assert!(cut < all && cut > all / 2.0, "{cut} of {all}");
+        assert_eq!(cfg.prefix_flops(3, 9, 9), all);
         Ok(())
     }
 

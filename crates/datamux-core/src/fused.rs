@@ -640,20 +640,24 @@ impl CustomOp2 for CrossEntropyGrad {
 }
 
 /// Multi-head scaled dot-product attention over packed projections: `qkv (B, T, 3D)` (each row
-/// `[q | k | v]`, head `h` at columns `h·hd..(h+1)·hd` of each third) -> context `(B, T, D)`,
-/// `softmax(q kᵀ · scale + bias) · v` per head. `bias` is an additive key bias `(B·T)` (padding);
-/// `keep` an inverted-dropout mask `(B·H·T·T)` on the probabilities (0 or `1 / (1 - p)`), in the
-/// order of a `(B, H, T, T)` tensor, so it is the mask `layers::dropout` would draw for them.
+/// `[q | k | v]`, head `h` at columns `h·hd..(h+1)·hd` of each third) -> context `(B, Q, D)`,
+/// `softmax(q kᵀ · scale + bias) · v` per head, for the first `Q = queries` positions as queries
+/// (all `T` when `None`; fewer where a caller reads only a prefix of the output). `bias` is an
+/// additive key bias `(B·T)` (padding); `keep` an inverted-dropout mask `(B·H·Q·T)` on the
+/// probabilities (0 or `1 / (1 - p)`), in the order of a `(B, H, Q, T)` tensor, so it is the mask
+/// `layers::dropout` would draw for them.
 pub fn attention(
     qkv: &Tensor,
     heads: usize,
     scale: f64,
+    queries: Option<usize>,
     bias: Option<Arc<Vec<f32>>>,
     keep: Option<Arc<Vec<f32>>>,
 ) -> Result<Tensor> {
     qkv.contiguous()?.apply_op1(Attention {
         heads,
         scale: scale as f32,
+        queries,
         bias,
         keep,
     })
@@ -663,17 +667,41 @@ pub fn attention(
 struct Attention {
     heads: usize,
     scale: f32,
+    queries: Option<usize>,
     bias: Option<Arc<Vec<f32>>>,
     keep: Option<Arc<Vec<f32>>>,
 }
 
-/// The sizes of one call, checked against the op's bias and mask.
+/// The sizes of one call, checked against the op's bias and mask: `q` query rows of `t`.
 #[derive(Clone, Copy)]
 struct Dims {
     b: usize,
     t: usize,
+    q: usize,
     d: usize,
     hd: usize,
+}
+
+/// `dst (m, n) = scale · lhs (m, k) · rhs (k, n)` over strided views of one sequence's buffers;
+/// `(data, offset, row stride, column stride)` per operand.
+fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: (&mut [f32], usize, usize),
+    lhs: (&[f32], usize, usize, usize),
+    rhs: (&[f32], usize, usize, usize),
+    scale: f32,
+) -> Result<()> {
+    datamux_kernels::matmul(
+        m,
+        n,
+        k,
+        ViewMut { data: dst.0, offset: dst.1, rs: dst.2 },
+        View { data: lhs.0, offset: lhs.1, rs: lhs.2, cs: lhs.3 },
+        View { data: rhs.0, offset: rhs.1, rs: rhs.2, cs: rhs.3 },
+        scale,
+        false,
+    )
+    .map_err(kernel_err)
 }
 
 impl Attention {
@@ -686,104 +714,75 @@ impl Attention {
                 self.heads
             );
         }
+        let q = self.queries.unwrap_or(t);
+        if q > t {
+            candle_core::bail!("fused attention: {q} queries of {t} positions");
+        }
         if let Some(bias) = &self.bias
             && bias.len() != b * t
         {
             candle_core::bail!("fused attention: bias of {} for {b} x {t}", bias.len());
         }
         if let Some(keep) = &self.keep
-            && keep.len() != b * self.heads * t * t
+            && keep.len() != b * self.heads * q * t
         {
             candle_core::bail!("fused attention: dropout mask of {} elements", keep.len());
         }
         Ok(Dims {
             b,
             t,
+            q,
             d,
             hd: d / self.heads,
         })
     }
 
-    /// The probabilities of head `h` of sequence `bi` into `p (T, T)`, before dropout.
+    /// The probabilities of head `h` of sequence `bi` into `p (Q, T)`, before dropout.
     fn probs(&self, qkv: &[f32], bi: usize, h: usize, dm: Dims, p: &mut [f32]) -> Result<()> {
         let (t, d, hd) = (dm.t, dm.d, dm.hd);
         let w = 3 * d;
-        // scores (T, T) = q_h (T, hd) · k_hᵀ (hd, T), k_hᵀ read in place: (c, j) -> k[j, c].
-        datamux_kernels::matmul(
-            t,
-            t,
-            hd,
-            ViewMut {
-                data: p,
-                offset: 0,
-                rs: t,
-            },
-            View {
-                data: qkv,
-                offset: h * hd,
-                rs: w,
-                cs: 1,
-            },
-            View {
-                data: qkv,
-                offset: d + h * hd,
-                rs: 1,
-                cs: w,
-            },
+        // scores (Q, T) = q_h (Q, hd) · k_hᵀ (hd, T), k_hᵀ read in place: (c, j) -> k[j, c].
+        mm(
+            (dm.q, t, hd),
+            (p, 0, t),
+            (qkv, h * hd, w, 1),
+            (qkv, d + h * hd, 1, w),
             self.scale,
-            false,
-        )
-        .map_err(kernel_err)?;
+        )?;
         let bias = self.bias.as_ref().map(|b| &b[bi * t..(bi + 1) * t]);
         vectorized(|| p.chunks_exact_mut(t).for_each(|row| softmax_row(row, bias)));
         Ok(())
     }
 
-    fn keep_of(&self, bi: usize, h: usize, t: usize) -> Option<&[f32]> {
-        let at = (bi * self.heads + h) * t * t;
-        self.keep.as_ref().map(|k| &k[at..at + t * t])
+    fn keep_of(&self, bi: usize, h: usize, dm: Dims) -> Option<&[f32]> {
+        let len = dm.q * dm.t;
+        let at = (bi * self.heads + h) * len;
+        self.keep.as_ref().map(|k| &k[at..at + len])
     }
 
-    /// One sequence's context `(T, D)` from its `qkv (T, 3D)`.
+    /// One sequence's context `(Q, D)` from its `qkv (T, 3D)`.
     fn forward_seq(&self, qkv: &[f32], bi: usize, dm: Dims, out: &mut [f32]) -> Result<()> {
         let (t, d, hd) = (dm.t, dm.d, dm.hd);
-        let mut p = vec![0f32; t * t];
+        let mut p = vec![0f32; dm.q * t];
         for h in 0..self.heads {
             self.probs(qkv, bi, h, dm, &mut p)?;
-            if let Some(keep) = self.keep_of(bi, h, t) {
+            if let Some(keep) = self.keep_of(bi, h, dm) {
                 vectorized(|| p.iter_mut().zip(keep).for_each(|(p, k)| *p *= k));
             }
-            // ctx_h (T, hd) = p (T, T) · v_h (T, hd), written into columns h·hd.. of out.
-            datamux_kernels::matmul(
-                t,
-                hd,
-                t,
-                ViewMut {
-                    data: out,
-                    offset: h * hd,
-                    rs: d,
-                },
-                View {
-                    data: &p,
-                    offset: 0,
-                    rs: t,
-                    cs: 1,
-                },
-                View {
-                    data: qkv,
-                    offset: 2 * d + h * hd,
-                    rs: 3 * d,
-                    cs: 1,
-                },
+            // ctx_h (Q, hd) = p (Q, T) · v_h (T, hd), written into columns h·hd.. of out.
+            mm(
+                (dm.q, hd, t),
+                (out, h * hd, d),
+                (&p, 0, t, 1),
+                (qkv, 2 * d + h * hd, 3 * d, 1),
                 1.0,
-                false,
-            )
-            .map_err(kernel_err)?;
+            )?;
         }
         Ok(())
     }
 
-    /// One sequence's `dqkv (T, 3D)` from its `qkv (T, 3D)` and `dctx (T, D)`.
+    /// One sequence's `dqkv (T, 3D)` from its `qkv (T, 3D)` and `dctx (Q, D)`; the rows of `dq`
+    /// past the queries stay zero.
     fn backward_seq(
         &self,
         qkv: &[f32],
@@ -792,17 +791,17 @@ impl Attention {
         dm: Dims,
         dqkv: &mut [f32],
     ) -> Result<()> {
-        let (t, d, hd) = (dm.t, dm.d, dm.hd);
+        let (t, q, d, hd) = (dm.t, dm.q, dm.d, dm.hd);
         let w = 3 * d;
-        let (mut p, mut g) = (vec![0f32; t * t], vec![0f32; t * t]);
+        let (mut p, mut g) = (vec![0f32; q * t], vec![0f32; q * t]);
         let mut dropped = if self.keep.is_some() {
-            vec![0f32; t * t]
+            vec![0f32; q * t]
         } else {
             Vec::new()
         };
         for h in 0..self.heads {
             self.probs(qkv, bi, h, dm, &mut p)?;
-            let keep = self.keep_of(bi, h, t);
+            let keep = self.keep_of(bi, h, dm);
             let used: &[f32] = match keep {
                 Some(keep) => {
                     vectorized(|| {
@@ -814,58 +813,10 @@ impl Attention {
                 }
                 None => &p,
             };
-            // dv_h (T, hd) = usedᵀ (T, T) · dctx_h (T, hd).
-            datamux_kernels::matmul(
-                t,
-                hd,
-                t,
-                ViewMut {
-                    data: dqkv,
-                    offset: 2 * d + h * hd,
-                    rs: w,
-                },
-                View {
-                    data: used,
-                    offset: 0,
-                    rs: 1,
-                    cs: t,
-                },
-                View {
-                    data: dctx,
-                    offset: h * hd,
-                    rs: d,
-                    cs: 1,
-                },
-                1.0,
-                false,
-            )
-            .map_err(kernel_err)?;
-            // g (T, T) = dctx_h (T, hd) · v_hᵀ (hd, T): the gradient of the used probabilities.
-            datamux_kernels::matmul(
-                t,
-                t,
-                hd,
-                ViewMut {
-                    data: &mut g,
-                    offset: 0,
-                    rs: t,
-                },
-                View {
-                    data: dctx,
-                    offset: h * hd,
-                    rs: d,
-                    cs: 1,
-                },
-                View {
-                    data: qkv,
-                    offset: 2 * d + h * hd,
-                    rs: 1,
-                    cs: w,
-                },
-                1.0,
-                false,
-            )
-            .map_err(kernel_err)?;
+            // dv_h (T, hd) = usedᵀ (T, Q) · dctx_h (Q, hd).
+            mm((t, hd, q), (dqkv, 2 * d + h * hd, w), (used, 0, 1, t), (dctx, h * hd, d, 1), 1.0)?;
+            // g (Q, T) = dctx_h (Q, hd) · v_hᵀ (hd, T): the gradient of the used probabilities.
+            mm((q, t, hd), (&mut g, 0, t), (dctx, h * hd, d, 1), (qkv, 2 * d + h * hd, 1, w), 1.0)?;
             // Softmax backward per row: ds = p ⊙ (g - Σ_j g_j p_j), g through the mask first.
             vectorized(|| {
                 if let Some(keep) = keep {
@@ -876,57 +827,9 @@ impl Attention {
                     gr.iter_mut().zip(pr).for_each(|(g, p)| *g = p * (*g - dot));
                 }
             });
-            // dq_h = scale · ds (T, T) · k_h (T, hd); dk_h = scale · dsᵀ · q_h.
-            datamux_kernels::matmul(
-                t,
-                hd,
-                t,
-                ViewMut {
-                    data: dqkv,
-                    offset: h * hd,
-                    rs: w,
-                },
-                View {
-                    data: &g,
-                    offset: 0,
-                    rs: t,
-                    cs: 1,
-                },
-                View {
-                    data: qkv,
-                    offset: d + h * hd,
-                    rs: w,
-                    cs: 1,
-                },
-                self.scale,
-                false,
-            )
-            .map_err(kernel_err)?;
-            datamux_kernels::matmul(
-                t,
-                hd,
-                t,
-                ViewMut {
-                    data: dqkv,
-                    offset: d + h * hd,
-                    rs: w,
-                },
-                View {
-                    data: &g,
-                    offset: 0,
-                    rs: 1,
-                    cs: t,
-                },
-                View {
-                    data: qkv,
-                    offset: h * hd,
-                    rs: w,
-                    cs: 1,
-                },
-                self.scale,
-                false,
-            )
-            .map_err(kernel_err)?;
+            // dq_h (Q, hd) = scale · ds (Q, T) · k_h (T, hd); dk_h (T, hd) = scale · dsᵀ · q_h.
+            mm((q, hd, t), (dqkv, h * hd, w), (&g, 0, t, 1), (qkv, d + h * hd, w, 1), self.scale)?;
+            mm((t, hd, q), (dqkv, d + h * hd, w), (&g, 0, 1, t), (qkv, h * hd, w, 1), self.scale)?;
         }
         Ok(())
     }
@@ -940,14 +843,14 @@ impl CustomOp1 for Attention {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let qkv = f32_data(self.name(), s, l)?;
         let dm = self.dims(l.shape())?;
-        let (t, d) = (dm.t, dm.d);
-        let mut out = vec![0f32; dm.b * t * d];
-        // One task per sequence: (T, 3D) in, (T, D) out.
-        out.par_chunks_mut(t * d)
+        let (t, q, d) = (dm.t, dm.q, dm.d);
+        let mut out = vec![0f32; dm.b * q * d];
+        // One task per sequence: (T, 3D) in, (Q, D) out.
+        out.par_chunks_mut(q * d)
             .zip(qkv.par_chunks(t * 3 * d))
             .enumerate()
             .try_for_each(|(bi, (o, x))| self.forward_seq(x, bi, dm, o))?;
-        Ok((CpuStorage::F32(out), Shape::from((dm.b, t, d))))
+        Ok((CpuStorage::F32(out), Shape::from((dm.b, q, d))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -959,7 +862,7 @@ impl CustomOp1 for Attention {
     }
 }
 
-/// `(qkv (B, T, 3D), dctx (B, T, D)) -> dqkv (B, T, 3D)`.
+/// `(qkv (B, T, 3D), dctx (B, Q, D)) -> dqkv (B, T, 3D)`.
 struct AttentionGrad(Attention);
 
 impl CustomOp2 for AttentionGrad {
@@ -979,8 +882,8 @@ impl CustomOp2 for AttentionGrad {
             f32_data(self.name(), s2, l2)?,
         );
         let dm = self.0.dims(l1.shape())?;
-        let (t, d) = (dm.t, dm.d);
-        if l2.dims() != [dm.b, t, d] {
+        let (t, q, d) = (dm.t, dm.q, dm.d);
+        if l2.dims() != [dm.b, q, d] {
             candle_core::bail!(
                 "{}: gradient {:?} for {:?}",
                 self.name(),
@@ -990,7 +893,7 @@ impl CustomOp2 for AttentionGrad {
         }
         let mut dqkv = vec![0f32; qkv.len()];
         dqkv.par_chunks_mut(t * 3 * d)
-            .zip(qkv.par_chunks(t * 3 * d).zip(dctx.par_chunks(t * d)))
+            .zip(qkv.par_chunks(t * 3 * d).zip(dctx.par_chunks(q * d)))
             .enumerate()
             .try_for_each(|(bi, (dq, (x, g)))| self.0.backward_seq(x, g, bi, dm, dq))?;
         Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
@@ -1157,6 +1060,7 @@ mod tests {
                 &qkv,
                 h,
                 scale,
+                None,
                 bias.map(|b| Arc::new(b.clone())),
                 keep.map(|k| Arc::new(k.clone())),
             )?;
@@ -1180,12 +1084,35 @@ mod tests {
         Ok(())
     }
 
+    /// Attention for the first Q queries is the first Q rows of the full attention, and so are
+    /// the gradients through them.
+    #[test]
+    fn fewer_queries_give_the_first_rows() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, h, hd, q) = (2, 9, 3, 4, 4);
+        let qkv = Var::from_tensor(&Tensor::randn(0f32, 1., (b, t, 3 * h * hd), &dev)?)?;
+        let mut bias = vec![0f32; b * t];
+        bias[t + 8] = -1e9;
+        let bias = Some(Arc::new(bias));
+        let r = Tensor::randn(0f32, 1., (b, q, h * hd), &dev)?;
+        let part = attention(&qkv, h, 0.5, Some(q), bias.clone(), None)?;
+        let full = attention(&qkv, h, 0.5, None, bias, None)?.narrow(1, 0, q)?;
+        assert_eq!(part.dims(), &[b, q, h * hd]);
+        assert!(max_diff(&part, &full)? < 1e-6);
+        let gp = (&part * &r)?.sum_all()?.backward()?;
+        let gf = (&full * &r)?.sum_all()?.backward()?;
+        let (x, y) = (gp.get(&qkv).unwrap(), gf.get(&qkv).unwrap());
+        assert!(max_diff(x, y)? < 1e-5, "gradients {}", max_diff(x, y)?);
+        Ok(())
+    }
+
     #[test]
     fn fused_attention_rejects_mismatched_shapes() -> Result<()> {
         let qkv = Tensor::zeros((2, 3, 12), DType::F32, &Device::Cpu)?;
-        assert!(attention(&qkv, 5, 1.0, None, None).is_err());
-        assert!(attention(&qkv, 2, 1.0, Some(Arc::new(vec![0.0; 5])), None).is_err());
-        assert!(attention(&qkv, 2, 1.0, None, Some(Arc::new(vec![1.0; 7]))).is_err());
+        assert!(attention(&qkv, 5, 1.0, None, None, None).is_err());
+        assert!(attention(&qkv, 2, 1.0, Some(4), None, None).is_err());
+        assert!(attention(&qkv, 2, 1.0, None, Some(Arc::new(vec![0.0; 5])), None).is_err());
+        assert!(attention(&qkv, 2, 1.0, None, None, Some(Arc::new(vec![1.0; 7]))).is_err());
         Ok(())
     }
 }

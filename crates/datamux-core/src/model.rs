@@ -62,6 +62,21 @@ pub trait Backbone {
     fn forward_flops(&self, _rows: usize, _len: usize) -> Option<f64> {
         None
     }
+    /// Only the first `rows` output positions `(B, rows, D')`, for a head that reads nothing
+    /// else; a backbone may skip the work no one reads. A sequence backbone only.
+    fn forward_prefix(
+        &self,
+        xs: &Tensor,
+        pad: Option<&Tensor>,
+        train: bool,
+        rows: usize,
+    ) -> Result<Tensor> {
+        self.forward_t(xs, pad, train)?.narrow(1, 0, rows)
+    }
+    /// [`Self::forward_flops`] of [`Self::forward_prefix`] keeping `keep` positions.
+    fn prefix_flops(&self, rows: usize, len: usize, _keep: usize) -> Option<f64> {
+        self.forward_flops(rows, len)
+    }
 }
 
 /// The multiplexing settings of a model.
@@ -112,7 +127,8 @@ impl Config {
 /// The encoder output of a batch, before demultiplexing.
 #[derive(Clone, Debug)]
 pub struct Encoded {
-    /// `(B, P+L, D)` for sequence backbones, `(B, 1, D)` for pooling ones.
+    /// `(B, P+L, D)` for sequence backbones (`(B, P, D)` from `MuxNet::encode_prefix`), `(B, 1, D)`
+    /// for pooling ones.
     pub hidden: Tensor,
     /// `P`, the prefix slots in front of every instance's sequence.
     pub prefix_len: usize,
@@ -185,6 +201,24 @@ impl<F: Frontend, B: Backbone> MuxNet<F, B> {
     pub fn encode(&self, input: &F::Input, train: bool) -> Result<Encoded> {
         let (muxed, pad) = self.embed_and_mux(input, train)?;
         let hidden = self.backbone.forward_t(&muxed, pad.as_ref(), train)?;
+        Ok(Encoded {
+            hidden,
+            prefix_len: self.prefix_len(),
+            pad,
+        })
+    }
+
+    /// [`Self::encode`] with only the prefix `(B, P, D)` kept, for a demux that reads nothing
+    /// else ([`Positions::Summary`]); the backbone may skip the rest of its last layer. A
+    /// backbone that pools has one output position and is encoded whole.
+    pub fn encode_prefix(&self, input: &F::Input, train: bool) -> Result<Encoded> {
+        if !self.backbone.is_sequence() || self.prefix_len() == 0 {
+            return self.encode(input, train);
+        }
+        let (muxed, pad) = self.embed_and_mux(input, train)?;
+        let hidden = self
+            .backbone
+            .forward_prefix(&muxed, pad.as_ref(), train, self.prefix_len())?;
         Ok(Encoded {
             hidden,
             prefix_len: self.prefix_len(),
@@ -272,6 +306,14 @@ impl<F: Frontend, B: Backbone> MuxNet<F, B> {
         }
         self.demux
             .forward_t(&enc.hidden, enc.prefix_len, positions, train)
+    }
+
+    /// `encode_prefix` then `demux` of the summary: `(B, N, 1, D)`, for a head that needs
+    /// nothing else (the encoding holds only the prefix).
+    pub fn forward_summary(&self, input: &F::Input, train: bool) -> Result<(Encoded, Tensor)> {
+        let enc = self.encode_prefix(input, train)?;
+        let z = self.demux(&enc, Positions::Summary, train)?;
+        Ok((enc, z))
     }
 
     /// `encode` then `demux`.

@@ -180,25 +180,33 @@ fn time_stages<F: Frontend, B: Backbone>(
         .iter()
         .map(|x| net.embed_and_mux(x, false))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    // Every call's (B, T, D) as the encoder receives it, prefix included.
+    // Every call's (B, T, D) as the encoder receives it, prefix included; as the model runs at
+    // inference, the last layer only for the prefix the summary demux reads.
+    let keep = (net.backbone.is_sequence() && net.prefix_len() > 0).then_some(net.prefix_len());
     let encoder_flops = muxed
         .iter()
         .map(|(xs, _)| {
             let (b, t, _) = xs.dims3()?;
-            Ok(net.backbone.forward_flops(b, t))
+            Ok(match keep {
+                Some(k) => net.backbone.prefix_flops(b, t, k),
+                None => net.backbone.forward_flops(b, t),
+            })
         })
         .collect::<candle_core::Result<Option<Vec<f64>>>>()?
         .map(|v| v.iter().sum());
     stage("encoder", &mut || {
         for (xs, pad) in &muxed {
-            net.backbone.forward_t(xs, pad.as_ref(), false)?;
+            match keep {
+                Some(k) => net.backbone.forward_prefix(xs, pad.as_ref(), false, k)?,
+                None => net.backbone.forward_t(xs, pad.as_ref(), false)?,
+            };
         }
         Ok(())
     })?;
     drop(muxed);
     let encoded = inputs
         .iter()
-        .map(|x| net.encode(x, false))
+        .map(|x| net.encode_prefix(x, false))
         .collect::<candle_core::Result<Vec<_>>>()?;
     stage("demux", &mut || {
         for enc in &encoded {

@@ -209,6 +209,25 @@ impl Backbone for TextBackbone {
     fn forward_flops(&self, rows: usize, len: usize) -> Option<f64> {
         self.encoder.forward_flops(rows, len)
     }
+
+    fn forward_prefix(
+        &self,
+        xs: &Tensor,
+        pad: Option<&Tensor>,
+        train: bool,
+        rows: usize,
+    ) -> Result<Tensor> {
+        match &self.norm {
+            Some(norm) => self
+                .encoder
+                .forward_prefix(&norm.forward_t(xs, train)?, pad, train, rows),
+            None => self.encoder.forward_prefix(xs, pad, train, rows),
+        }
+    }
+
+    fn prefix_flops(&self, rows: usize, len: usize, keep: usize) -> Option<f64> {
+        self.encoder.prefix_flops(rows, len, keep)
+    }
 }
 
 #[cfg(test)]

@@ -270,11 +270,20 @@ impl TextTask {
         }
     }
 
-    /// Task logits: `(B·N, C)` for sentences, `(B·N, L, C)` for tokens.
-    fn logits(&self, batch: &TextBatch, train: bool) -> Result<(datamux_core::Encoded, Tensor)> {
+    /// Task logits: `(B·N, C)` for sentences, `(B·N, L, C)` for tokens. Without `tokens` (no
+    /// retrieval head reads the encoding), a summary readout encodes only the prefix.
+    fn logits(
+        &self,
+        batch: &TextBatch,
+        train: bool,
+        tokens: bool,
+    ) -> Result<(datamux_core::Encoded, Tensor)> {
         match &self.head {
             Head::Sentence(h) => {
                 let (enc, z) = match self.readout {
+                    SentenceReadout::Summary if !tokens => {
+                        self.net.forward_summary(&batch.input, train)?
+                    }
                     SentenceReadout::Summary => {
                         self.net
                             .forward_t(&batch.input, Positions::Summary, train)?
@@ -397,7 +406,7 @@ impl Task for TextTask {
     fn loss(&self, batch: &TextBatch, train: bool) -> Result<Losses> {
         let (a_task, a_ret) = self.weights;
         let (enc, task) = if a_task > 0.0 {
-            let (enc, logits) = self.logits(batch, train)?;
+            let (enc, logits) = self.logits(batch, train, a_ret > 0.0)?;
             (enc, Some(self.task_loss(&logits, batch)?))
         } else {
             // The warm-up needs no task head.
@@ -427,7 +436,7 @@ impl Task for TextTask {
     }
 
     fn score(&self, batch: &TextBatch) -> Result<Score> {
-        let (enc, logits) = self.logits(batch, false)?;
+        let (enc, logits) = self.logits(batch, false, !batch.targets.is_empty())?;
         let mut score = match &self.head {
             Head::Sentence(_) => task::slot_counts(&logits, &batch.labels, &batch.real, self.n)?,
             Head::Token(_) => self.token_score(&logits, batch)?,
@@ -441,7 +450,7 @@ impl Task for TextTask {
     }
 
     fn predict(&self, batch: &TextBatch) -> Result<Tensor> {
-        Ok(self.logits(batch, false)?.1)
+        Ok(self.logits(batch, false, false)?.1)
     }
 
     fn selection_metric(&self) -> &'static str {

@@ -185,6 +185,26 @@ impl Backbone for VisionBackbone {
         }
     }
 
+    fn forward_prefix(
+        &self,
+        xs: &Tensor,
+        pad: Option<&Tensor>,
+        train: bool,
+        rows: usize,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Vit(m) => m.forward_prefix(xs, pad, train, rows),
+            _ => self.forward_t(xs, pad, train)?.narrow(1, 0, rows),
+        }
+    }
+
+    fn prefix_flops(&self, rows: usize, len: usize, keep: usize) -> Option<f64> {
+        match self {
+            Self::Vit(m) => m.prefix_flops(rows, len, keep),
+            Self::Mlp(_) | Self::Cnn(_) => None,
+        }
+    }
+
     fn name(&self) -> String {
         match self {
             Self::Mlp(_) => "the MLP".into(),

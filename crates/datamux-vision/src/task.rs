@@ -5,7 +5,6 @@ use candle_core::{DType, Device, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 use datamux_core::SeededVarMap;
-use datamux_core::demux::Positions;
 use datamux_core::heads::SequenceHead;
 use datamux_core::model::{self, MuxNet};
 use datamux_core::task::{self, Losses, Score, Task};
@@ -56,9 +55,8 @@ impl ImageTask {
     }
 
     fn logits(&self, batch: &ImageBatch, train: bool) -> Result<Tensor> {
-        let (_, z) = self
-            .net
-            .forward_t(&batch.input, Positions::Summary, train)?; // (B, N, 1, D)
+        // Only the summary is read: the ViT's last layer runs for the prefix alone.
+        let (_, z) = self.net.forward_summary(&batch.input, train)?; // (B, N, 1, D)
         self.head.forward(&z) // (B·N, C)
     }
 }
