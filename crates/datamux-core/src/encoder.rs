@@ -278,9 +278,9 @@ impl Layer {
             None => xs.clone(),
         };
         if self.pre_ln {
-            let a = self
-                .attn
-                .forward_t(&self.attn_norm.forward_t(xs, train)?, bias, train, rows)?;
+            let a =
+                self.attn
+                    .forward_t(&self.attn_norm.forward_t(xs, train)?, bias, train, rows)?;
             let xs = (residual + drop(a)?)?;
             let f = self.ffn(&self.ffn_norm.forward_t(&xs, train)?)?;
             xs + drop(f)?
@@ -489,12 +489,16 @@ mod tests {
             let map = crate::init::SeededVarMap::new(4);
             let enc = Encoder::new(&cfg, map.var_builder(DType::F32, &dev))?;
             let xs = Tensor::randn(0f32, 1., (3, 9, 32), &dev)?;
-            let pad = Tensor::from_slice(&[0u8, 0, 0, 0, 0, 0, 0, 1, 1], (1, 9), &dev)?
-                .repeat((3, 1))?;
+            let pad =
+                Tensor::from_slice(&[0u8, 0, 0, 0, 0, 0, 0, 1, 1], (1, 9), &dev)?.repeat((3, 1))?;
             let full = enc.forward_t(&xs, Some(&pad), false)?.narrow(1, 0, 4)?;
             let part = enc.forward_prefix(&xs, Some(&pad), false, 4)?;
             assert_eq!(part.dims(), &[3, 4, 32]);
-            let diff = (full - part)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let diff = (full - part)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
             assert!(diff < 1e-5, "pre-LN {pre_layer_norm}: {diff}");
             assert!(enc.forward_prefix(&xs, Some(&pad), false, 10).is_err());
         }

@@ -46,7 +46,7 @@ fn kernel_err(e: String) -> candle_core::Error {
 /// chosen at run time as gemm does: the plain loops of the `#[inline(always)]` kernels it calls
 /// vectorise at that width instead of the SSE2 the build targets.
 #[inline(always)]
-pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     pulp::Arch::new().dispatch(f)
 }
 
@@ -77,9 +77,9 @@ fn softmax_row(row: &mut [f32], bias: Option<&[f32]>) {
     row.iter_mut().for_each(|s| *s *= inv);
 }
 
-/// `Σ row`, in `LANES` partial sums.
+/// `Σ row`, in `LANES` partial sums (vectorises inside [`vectorized`]).
 #[inline(always)]
-fn lane_sum(row: &[f32]) -> f32 {
+pub fn lane_sum(row: &[f32]) -> f32 {
     let mut lanes = [0f32; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
@@ -88,9 +88,9 @@ fn lane_sum(row: &[f32]) -> f32 {
     chunks.remainder().iter().sum::<f32>() + lanes.iter().sum::<f32>()
 }
 
-/// `Σ a ⊙ b`, in `LANES` partial sums.
+/// `Σ a ⊙ b`, in `LANES` partial sums (vectorises inside [`vectorized`]).
 #[inline(always)]
-fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f32 = ca
@@ -348,8 +348,12 @@ pub fn layer_norm(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Resul
     let d = xs.dim(candle_core::D::Minus1)?;
     // (.., D) -> (R, D) -> (.., D)
     let flat = xs.contiguous()?.reshape(((), d))?;
-    flat.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, LayerNormOp { eps: eps as f32 })?
-        .reshape(dims)
+    flat.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        LayerNormOp { eps: eps as f32 },
+    )?
+    .reshape(dims)
 }
 
 /// Rows per parallel task of the LayerNorm kernels; fixed, so that the order of the scale and
@@ -374,7 +378,11 @@ impl LayerNormOp {
                 *s += (v - mean) * (v - mean);
             }
         }
-        let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+        let tail: f32 = chunks
+            .remainder()
+            .iter()
+            .map(|v| (v - mean) * (v - mean))
+            .sum();
         let var = (tail + lanes.iter().sum::<f32>()) / n;
         (mean, 1.0 / (var + self.eps).sqrt())
     }
@@ -387,9 +395,19 @@ impl LayerNormOp {
     ) -> Result<(usize, &'a [f32], &'a [f32], &'a [f32])> {
         let (_, d) = l1.shape().dims2()?;
         if l2.dims() != [d] || l3.dims() != [d] {
-            candle_core::bail!("{name}: {:?} with {:?} and {:?}", l1.dims(), l2.dims(), l3.dims());
+            candle_core::bail!(
+                "{name}: {:?} with {:?} and {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
         }
-        Ok((d, f32_data(name, s1, l1)?, f32_data(name, s2, l2)?, f32_data(name, s3, l3)?))
+        Ok((
+            d,
+            f32_data(name, s1, l1)?,
+            f32_data(name, s2, l2)?,
+            f32_data(name, s3, l3)?,
+        ))
     }
 }
 
@@ -465,22 +483,38 @@ impl candle_core::CustomOp3 for LayerNormGrad {
         let name = self.name();
         let (rows, d) = l1.shape().dims2()?;
         if l2.dims() != [d] || l3.dims() != [rows, d] {
-            candle_core::bail!("{name}: {:?} with {:?} and {:?}", l1.dims(), l2.dims(), l3.dims());
+            candle_core::bail!(
+                "{name}: {:?} with {:?} and {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
         }
-        let (x, g, dy) = (f32_data(name, s1, l1)?, f32_data(name, s2, l2)?, f32_data(name, s3, l3)?);
+        let (x, g, dy) = (
+            f32_data(name, s1, l1)?,
+            f32_data(name, s2, l2)?,
+            f32_data(name, s3, l3)?,
+        );
         let mut out = vec![0f32; (rows + 2) * d];
         let (dx, _) = out.split_at_mut(rows * d);
         let op = self.0;
         // Per task: its rows' dx, and its partial (dgamma, dbeta) as one (2, D) buffer.
         let partials: Vec<Vec<f32>> = dx
             .par_chunks_mut(NORM_ROWS * d)
-            .zip(x.par_chunks(NORM_ROWS * d).zip(dy.par_chunks(NORM_ROWS * d)))
+            .zip(
+                x.par_chunks(NORM_ROWS * d)
+                    .zip(dy.par_chunks(NORM_ROWS * d)),
+            )
             .map(|(dx, (x, dy))| {
                 let mut acc = vec![0f32; 2 * d];
                 let mut h = vec![0f32; d];
                 vectorized(|| {
                     let (dg, db) = acc.split_at_mut(d);
-                    for ((dx, x), dy) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(dy.chunks_exact(d)) {
+                    for ((dx, x), dy) in dx
+                        .chunks_exact_mut(d)
+                        .zip(x.chunks_exact(d))
+                        .zip(dy.chunks_exact(d))
+                    {
                         let (mean, inv) = op.stats(x);
                         for ((h, &dy), &g) in h.iter_mut().zip(dy).zip(g) {
                             *h = dy * g;
@@ -495,7 +529,12 @@ impl candle_core::CustomOp3 for LayerNormGrad {
                                 *s += a * (b - mean);
                             }
                         }
-                        let tail: f32 = ch.remainder().iter().zip(cx.remainder()).map(|(a, b)| a * (b - mean)).sum();
+                        let tail: f32 = ch
+                            .remainder()
+                            .iter()
+                            .zip(cx.remainder())
+                            .map(|(a, b)| a * (b - mean))
+                            .sum();
                         let mean_hx = (tail + lanes.iter().sum::<f32>()) * inv / n;
                         for ((((dx, &h), &x), &dy), (dg, db)) in dx
                             .iter_mut()
@@ -548,7 +587,10 @@ impl CrossEntropy {
     fn check<'a>(&self, name: &str, s: &'a CpuStorage, l: &Layout) -> Result<(usize, &'a [f32])> {
         let (rows, v) = l.shape().dims2()?;
         if rows != self.targets.len() {
-            candle_core::bail!("{name}: {rows} rows of logits for {} targets", self.targets.len());
+            candle_core::bail!(
+                "{name}: {rows} rows of logits for {} targets",
+                self.targets.len()
+            );
         }
         if let Some(t) = self.targets.iter().find(|&&t| t as usize >= v) {
             candle_core::bail!("{name}: target {t} outside the {v} classes");
@@ -601,7 +643,10 @@ impl CustomOp1 for CrossEntropy {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let op = CrossEntropyGrad(self.clone());
-        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+        Ok(Some(
+            arg.contiguous()?
+                .apply_op2_no_bwd(&grad.contiguous()?, &op)?,
+        ))
     }
 }
 
@@ -623,15 +668,25 @@ impl CustomOp2 for CrossEntropyGrad {
         let (v, x) = self.0.check(self.name(), s1, l1)?;
         let g = f32_data(self.name(), s2, l2)?;
         if g.len() != self.0.targets.len() {
-            candle_core::bail!("{}: {} gradients for {} rows", self.name(), g.len(), x.len() / v);
+            candle_core::bail!(
+                "{}: {} gradients for {} rows",
+                self.name(),
+                g.len(),
+                x.len() / v
+            );
         }
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(v)
-            .zip(x.par_chunks(v).zip(g.par_iter().zip(self.0.targets.par_iter())))
+            .zip(
+                x.par_chunks(v)
+                    .zip(g.par_iter().zip(self.0.targets.par_iter())),
+            )
             .for_each(|(d, (row, (&g, &t)))| {
                 vectorized(|| {
                     let lse = CrossEntropy::log_sum_exp(row);
-                    d.iter_mut().zip(row).for_each(|(d, &x)| *d = g * exp(x - lse));
+                    d.iter_mut()
+                        .zip(row)
+                        .for_each(|(d, &x)| *d = g * exp(x - lse));
                 });
                 d[t as usize] -= g;
             });
@@ -695,9 +750,23 @@ fn mm(
         m,
         n,
         k,
-        ViewMut { data: dst.0, offset: dst.1, rs: dst.2 },
-        View { data: lhs.0, offset: lhs.1, rs: lhs.2, cs: lhs.3 },
-        View { data: rhs.0, offset: rhs.1, rs: rhs.2, cs: rhs.3 },
+        ViewMut {
+            data: dst.0,
+            offset: dst.1,
+            rs: dst.2,
+        },
+        View {
+            data: lhs.0,
+            offset: lhs.1,
+            rs: lhs.2,
+            cs: lhs.3,
+        },
+        View {
+            data: rhs.0,
+            offset: rhs.1,
+            rs: rhs.2,
+            cs: rhs.3,
+        },
         scale,
         false,
     )
@@ -814,9 +883,21 @@ impl Attention {
                 None => &p,
             };
             // dv_h (T, hd) = usedᵀ (T, Q) · dctx_h (Q, hd).
-            mm((t, hd, q), (dqkv, 2 * d + h * hd, w), (used, 0, 1, t), (dctx, h * hd, d, 1), 1.0)?;
+            mm(
+                (t, hd, q),
+                (dqkv, 2 * d + h * hd, w),
+                (used, 0, 1, t),
+                (dctx, h * hd, d, 1),
+                1.0,
+            )?;
             // g (Q, T) = dctx_h (Q, hd) · v_hᵀ (hd, T): the gradient of the used probabilities.
-            mm((q, t, hd), (&mut g, 0, t), (dctx, h * hd, d, 1), (qkv, 2 * d + h * hd, 1, w), 1.0)?;
+            mm(
+                (q, t, hd),
+                (&mut g, 0, t),
+                (dctx, h * hd, d, 1),
+                (qkv, 2 * d + h * hd, 1, w),
+                1.0,
+            )?;
             // Softmax backward per row: ds = p ⊙ (g - Σ_j g_j p_j), g through the mask first.
             vectorized(|| {
                 if let Some(keep) = keep {
@@ -828,8 +909,20 @@ impl Attention {
                 }
             });
             // dq_h (Q, hd) = scale · ds (Q, T) · k_h (T, hd); dk_h (T, hd) = scale · dsᵀ · q_h.
-            mm((q, hd, t), (dqkv, h * hd, w), (&g, 0, t, 1), (qkv, d + h * hd, w, 1), self.scale)?;
-            mm((t, hd, q), (dqkv, d + h * hd, w), (&g, 0, 1, t), (qkv, h * hd, w, 1), self.scale)?;
+            mm(
+                (q, hd, t),
+                (dqkv, h * hd, w),
+                (&g, 0, t, 1),
+                (qkv, d + h * hd, w, 1),
+                self.scale,
+            )?;
+            mm(
+                (t, hd, q),
+                (dqkv, d + h * hd, w),
+                (&g, 0, 1, t),
+                (qkv, h * hd, w, 1),
+                self.scale,
+            )?;
         }
         Ok(())
     }
@@ -977,13 +1070,22 @@ mod tests {
         let theirs = crate::layers::normalize(&x, 1e-5)?
             .broadcast_mul(&g)?
             .broadcast_add(&b)?;
-        assert!(max_diff(&ours, &theirs)? < 1e-5, "values {}", max_diff(&ours, &theirs)?);
+        assert!(
+            max_diff(&ours, &theirs)? < 1e-5,
+            "values {}",
+            max_diff(&ours, &theirs)?
+        );
         let go = (&ours * &r)?.sum_all()?.backward()?;
         let gt = (&theirs * &r)?.sum_all()?.backward()?;
         for v in [&x, &g, &b] {
             let (p, q) = (go.get(v).unwrap(), gt.get(v).unwrap());
             assert_eq!(p.dims(), v.dims());
-            assert!(max_diff(p, q)? < 1e-4, "gradient of {:?}: {}", v.shape(), max_diff(p, q)?);
+            assert!(
+                max_diff(p, q)? < 1e-4,
+                "gradient of {:?}: {}",
+                v.shape(),
+                max_diff(p, q)?
+            );
         }
         Ok(())
     }
@@ -1000,7 +1102,10 @@ mod tests {
         let (go, gt) = ((&ours * 3.0)?.backward()?, (&theirs * 3.0)?.backward()?);
         let (a, b) = (go.get(&x).unwrap(), gt.get(&x).unwrap());
         assert!(max_diff(a, b)? < 1e-6, "gradient {}", max_diff(a, b)?);
-        assert!(cross_entropy(&x, &[40; 11]).is_err(), "a target outside the classes");
+        assert!(
+            cross_entropy(&x, &[40; 11]).is_err(),
+            "a target outside the classes"
+        );
         assert!(cross_entropy(&x, &[0; 3]).is_err(), "too few targets");
         Ok(())
     }

@@ -216,9 +216,9 @@ impl<F: Frontend, B: Backbone> MuxNet<F, B> {
             return self.encode(input, train);
         }
         let (muxed, pad) = self.embed_and_mux(input, train)?;
-        let hidden = self
-            .backbone
-            .forward_prefix(&muxed, pad.as_ref(), train, self.prefix_len())?;
+        let hidden =
+            self.backbone
+                .forward_prefix(&muxed, pad.as_ref(), train, self.prefix_len())?;
         Ok(Encoded {
             hidden,
             prefix_len: self.prefix_len(),

@@ -100,7 +100,9 @@ impl Optimizer for AdamW {
                 k,
                 moments: Mutex::new((&mut slot.m, &mut slot.v)),
             };
-            slot.var.as_tensor().inplace_op2(&g.contiguous()?, &update)?;
+            slot.var
+                .as_tensor()
+                .inplace_op2(&g.contiguous()?, &update)?;
         }
         if let Some(rest) = &mut self.rest {
             rest.step(grads)?;
@@ -136,7 +138,13 @@ impl InplaceOp2 for Update<'_> {
         "fused-adamw"
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
         let (CpuStorage::F32(theta), CpuStorage::F32(grad)) = (s1, s2) else {
             candle_core::bail!("fused-adamw: f32 parameters and gradients only");
         };
@@ -151,7 +159,11 @@ impl InplaceOp2 for Update<'_> {
             .map_err(|_| candle_core::Error::Msg("fused-adamw: poisoned moments".into()))?;
         let (m, v) = &mut *moments;
         if grad.len() != theta.len() || m.len() != theta.len() || v.len() != theta.len() {
-            candle_core::bail!("fused-adamw: a gradient of {} for {}", grad.len(), theta.len());
+            candle_core::bail!(
+                "fused-adamw: a gradient of {} for {}",
+                grad.len(),
+                theta.len()
+            );
         }
         let k = self.k;
         theta
@@ -205,7 +217,10 @@ mod tests {
             ours.backward_step(&(a.as_tensor() - &target)?.sqr()?.sum_all()?)?;
             theirs.backward_step(&(b.as_tensor() - &target)?.sqr()?.sum_all()?)?;
         }
-        let diff = (a.as_tensor() - b.as_tensor())?.abs()?.flatten_all()?.max(0)?;
+        let diff = (a.as_tensor() - b.as_tensor())?
+            .abs()?
+            .flatten_all()?
+            .max(0)?;
         assert!(diff.to_scalar::<f32>()? < 1e-6);
         let moved = (a.as_tensor() - &init)?.abs()?.flatten_all()?.max(0)?;
         assert!(moved.to_scalar::<f32>()? > 0.01, "the parameters moved");
@@ -215,7 +230,9 @@ mod tests {
         let d = Var::from_tensor(&init.to_dtype(DType::F64)?)?;
         let mut opt = AdamW::new(vec![d.clone()], ParamsAdamW::default())?;
         opt.backward_step(&d.as_tensor().sqr()?.sum_all()?)?;
-        let moved = (d.as_tensor().to_dtype(DType::F32)? - &init)?.abs()?.sum_all()?;
+        let moved = (d.as_tensor().to_dtype(DType::F32)? - &init)?
+            .abs()?
+            .sum_all()?;
         assert!(moved.to_scalar::<f32>()? > 0.0);
         Ok(())
     }

@@ -8,9 +8,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
-use datamux_core::optim::AdamW;
 use datamux_core::group::{BucketedStream, TrainStream};
 use datamux_core::init::rng_for;
+use datamux_core::optim::AdamW;
 use datamux_core::{SeededVarMap, Task};
 
 use crate::eval::evaluate;

@@ -6,9 +6,9 @@
 
 use candle_core::{Device, Result};
 use candle_nn::{Optimizer, ParamsAdamW};
-use datamux_core::optim::AdamW;
 use datamux_core::group::TrainStream;
 use datamux_core::init::rng_for;
+use datamux_core::optim::AdamW;
 use datamux_core::{DemuxKind, Groups, MuxKind, Score, SeededVarMap, Task, model};
 use datamux_text::task::{HeadKind, SentenceData, TextData, TextTask};
 use datamux_text::{Config, TextTokenizer};

@@ -7,6 +7,7 @@
 
 use candle_core::{DType, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
+use datamux_core::fused::{lane_dot, lane_sum};
 use rayon::prelude::*;
 
 use datamux_core::encoder::{self, Encoder};
@@ -120,35 +121,38 @@ impl Frontend for TextFrontend {
             |x, (row, acc)| {
                 let (bi, li) = (row / l, row % l);
                 let pos = &positions[li * d..(li + 1) * d];
-                for i in 0..n {
-                    let k = (bi * n + i) * l + li; // (bi, i, li) in (B, N, L)
-                    if pad[k] != 0 {
-                        continue; // padding adds nothing to the mix
-                    }
-                    let id = ids[k] as usize;
-                    let tok = &table[id * d..(id + 1) * d];
-                    for ((x, t), p) in x.iter_mut().zip(tok).zip(pos) {
-                        *x = t + p;
-                    }
-                    let s = &scales[i * d..(i + 1) * d];
-                    match &norm {
-                        Some((w, bias, eps)) => {
-                            let mean = x.iter().sum::<f32>() / d as f32;
-                            let var =
-                                x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-                            let r = 1.0 / (var + eps).sqrt();
-                            let terms = x.iter().zip(s).zip(w).zip(bias);
-                            for (a, (((x, s), w), c)) in acc.iter_mut().zip(terms) {
-                                *a += s * ((x - mean) * r * w + c);
+                // The loops below compiled for this CPU's SIMD width, the sums in lanes.
+                datamux_core::fused::vectorized(|| {
+                    for i in 0..n {
+                        let k = (bi * n + i) * l + li; // (bi, i, li) in (B, N, L)
+                        if pad[k] != 0 {
+                            continue; // padding adds nothing to the mix
+                        }
+                        let id = ids[k] as usize;
+                        let tok = &table[id * d..(id + 1) * d];
+                        for ((x, t), p) in x.iter_mut().zip(tok).zip(pos) {
+                            *x = t + p;
+                        }
+                        let s = &scales[i * d..(i + 1) * d];
+                        match &norm {
+                            Some((w, bias, eps)) => {
+                                let mean = lane_sum(x) / d as f32;
+                                x.iter_mut().for_each(|v| *v -= mean);
+                                let var = lane_dot(x, x) / d as f32;
+                                let r = 1.0 / (var + eps).sqrt();
+                                let terms = x.iter().zip(s).zip(w).zip(bias);
+                                for (a, (((x, s), w), c)) in acc.iter_mut().zip(terms) {
+                                    *a += s * (x * r * w + c);
+                                }
+                            }
+                            None => {
+                                for ((a, x), s) in acc.iter_mut().zip(x.iter()).zip(s) {
+                                    *a += s * x;
+                                }
                             }
                         }
-                        None => {
-                            for ((a, x), s) in acc.iter_mut().zip(x.iter()).zip(s) {
-                                *a += s * x;
-                            }
-                        }
                     }
-                }
+                });
             },
         );
         drop(storage);
@@ -218,9 +222,10 @@ impl Backbone for TextBackbone {
         rows: usize,
     ) -> Result<Tensor> {
         match &self.norm {
-            Some(norm) => self
-                .encoder
-                .forward_prefix(&norm.forward_t(xs, train)?, pad, train, rows),
+            Some(norm) => {
+                self.encoder
+                    .forward_prefix(&norm.forward_t(xs, train)?, pad, train, rows)
+            }
             None => self.encoder.forward_prefix(xs, pad, train, rows),
         }
     }

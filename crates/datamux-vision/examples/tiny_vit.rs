@@ -5,10 +5,10 @@
 
 use candle_core::{Device, Result};
 use candle_nn::{Optimizer, ParamsAdamW};
-use datamux_core::optim::AdamW;
 use datamux_core::group::TrainStream;
 use datamux_core::init::rng_for;
 use datamux_core::model;
+use datamux_core::optim::AdamW;
 use datamux_core::{DemuxKind, Groups, MuxKind, Score, SeededVarMap, Task};
 use datamux_vision::{Arch, ImageData, ImageSpec, ImageTask};
 use rand::Rng;
