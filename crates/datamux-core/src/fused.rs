@@ -360,6 +360,9 @@ pub fn layer_norm(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Resul
 /// shift gradients' partial sums does not depend on the thread count.
 const NORM_ROWS: usize = 64;
 
+/// Width, input, scale and shift of one LayerNorm call.
+type NormArgs<'a> = (usize, &'a [f32], &'a [f32], &'a [f32]);
+
 #[derive(Clone, Copy)]
 struct LayerNormOp {
     eps: f32,
@@ -392,7 +395,7 @@ impl LayerNormOp {
         (s1, l1): (&'a CpuStorage, &Layout),
         (s2, l2): (&'a CpuStorage, &Layout),
         (s3, l3): (&'a CpuStorage, &Layout),
-    ) -> Result<(usize, &'a [f32], &'a [f32], &'a [f32])> {
+    ) -> Result<NormArgs<'a>> {
         let (_, d) = l1.shape().dims2()?;
         if l2.dims() != [d] || l3.dims() != [d] {
             candle_core::bail!(
