@@ -286,9 +286,9 @@ impl Layer {
             xs + drop(f)?
         } else {
             let a = self.attn.forward_t(xs, bias, train, rows)?;
-            let xs = self.attn_norm.forward_t(&(residual + drop(a)?)?, train)?;
+            let xs = self.attn_norm.forward_add(&residual, &drop(a)?, train)?;
             let f = self.ffn(&xs)?;
-            self.ffn_norm.forward_t(&(xs + drop(f)?)?, train)
+            self.ffn_norm.forward_add(&xs, &drop(f)?, train)
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Fused CPU kernels with their own backward passes, for the encoder's two most expensive
 //! non-matmul stages (docs/performance.md): the attention block between the Q/K/V projections
 //! and the output projection, and the FFN's GELU; the linear layer with its bias;
-//! LayerNorm; and the retrieval head's cross-entropy over the vocabulary.
+//! LayerNorm, alone or after a residual sum; and the retrieval head's cross-entropy over the vocabulary.
 //!
 //! Why: composed from candle ops, one attention block is ~10 tensor ops per layer, each a pass
 //! over a `(B, H, T, T)` tensor with a fresh allocation, and candle runs the batched score
@@ -354,6 +354,100 @@ pub fn layer_norm(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Resul
         LayerNormOp { eps: eps as f32 },
     )?
     .reshape(dims)
+}
+
+/// `layer_norm(a + b)`, the residual sum and the norm in one pass (post-LN Transformer layers):
+/// no `(.., D)` sum is written, and the graph has one node where it had two.
+pub fn add_layer_norm(
+    a: &Tensor,
+    b: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    if a.dims() != b.dims() {
+        candle_core::bail!("add_layer_norm: {:?} + {:?}", a.shape(), b.shape());
+    }
+    let dims = a.dims().to_vec();
+    let d = a.dim(candle_core::D::Minus1)?;
+    // (.., D) -> (R, D) -> (.., D); scale and shift stacked (2, D).
+    let (a, b) = (
+        a.contiguous()?.reshape(((), d))?,
+        b.contiguous()?.reshape(((), d))?,
+    );
+    let gb = Tensor::stack(&[gamma, beta], 0)?;
+    a.apply_op3(&b, &gb, AddNorm(LayerNormOp { eps: eps as f32 }))?
+        .reshape(dims)
+}
+
+/// `(a (R, D), b (R, D), [gamma; beta] (2, D)) -> layer_norm(a + b)`.
+struct AddNorm(LayerNormOp);
+
+impl candle_core::CustomOp3 for AddNorm {
+    fn name(&self) -> &'static str {
+        "fused-add-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (_, d) = l1.shape().dims2()?;
+        if l2.dims() != l1.dims() || l3.dims() != [2, d] {
+            candle_core::bail!("{name}: {:?}, {:?}, {:?}", l1.dims(), l2.dims(), l3.dims());
+        }
+        let (a, b, gb) = (
+            f32_data(name, s1, l1)?,
+            f32_data(name, s2, l2)?,
+            f32_data(name, s3, l3)?,
+        );
+        let (g, beta) = gb.split_at(d);
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(NORM_ROWS * d)
+            .zip(a.par_chunks(NORM_ROWS * d).zip(b.par_chunks(NORM_ROWS * d)))
+            .for_each(|(y, (a, b))| {
+                let mut x = vec![0f32; d];
+                vectorized(|| {
+                    for ((y, a), b) in y
+                        .chunks_exact_mut(d)
+                        .zip(a.chunks_exact(d))
+                        .zip(b.chunks_exact(d))
+                    {
+                        x.iter_mut()
+                            .zip(a)
+                            .zip(b)
+                            .for_each(|((x, a), b)| *x = a + b);
+                        let (mean, inv) = self.0.stats(&x);
+                        for (((y, &x), &g), &c) in y.iter_mut().zip(&x).zip(g).zip(beta) {
+                            *y = (x - mean) * inv * g + c;
+                        }
+                    }
+                })
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        gb: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let rows = a.dim(0)?;
+        // The sum is recomputed here rather than kept from the forward pass.
+        let x = (a + b)?;
+        let all = x.apply_op3_no_bwd(&gb.get(0)?, &dy.contiguous()?, &LayerNormGrad(self.0))?;
+        let dx = all.narrow(0, 0, rows)?;
+        Ok((Some(dx.clone()), Some(dx), Some(all.narrow(0, rows, 2)?)))
+    }
 }
 
 /// Rows per parallel task of the LayerNorm kernels; fixed, so that the order of the scale and
@@ -1110,6 +1204,28 @@ mod tests {
             "a target outside the classes"
         );
         assert!(cross_entropy(&x, &[0; 3]).is_err(), "too few targets");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_add_layer_norm_matches_add_then_norm() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 67, 37), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0.3f32, 2., (2, 67, 37), &dev)?)?;
+        let g = Var::from_tensor(&Tensor::randn(1f32, 0.3, 37, &dev)?)?;
+        let c = Var::from_tensor(&Tensor::randn(0f32, 0.3, 37, &dev)?)?;
+        let r = Tensor::randn(0f32, 1., (2, 67, 37), &dev)?;
+        let ours = add_layer_norm(&a, &b, &g, &c, 1e-5)?;
+        let theirs = layer_norm(&(a.as_tensor() + b.as_tensor())?, &g, &c, 1e-5)?;
+        assert!(max_diff(&ours, &theirs)? < 1e-5);
+        let go = (&ours * &r)?.sum_all()?.backward()?;
+        let gt = (&theirs * &r)?.sum_all()?.backward()?;
+        for v in [&a, &b, &g, &c] {
+            let (p, q) = (go.get(v).unwrap(), gt.get(v).unwrap());
+            assert_eq!(p.dims(), v.dims());
+            assert!(max_diff(p, q)? < 1e-4, "gradient of {:?}", v.shape());
+        }
+        assert!(add_layer_norm(&a, &r.narrow(1, 0, 3)?, &g, &c, 1e-5).is_err());
         Ok(())
     }
 

@@ -42,6 +42,15 @@ impl LayerNorm {
         Ok(Self { weight, bias, eps })
     }
 
+    /// `norm(xs + residual)`: one fused pass on the CPU in f32 (`fused::add_layer_norm`).
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        if crate::fused::supported(xs) && crate::fused::supported(residual) {
+            crate::fused::add_layer_norm(xs, residual, &self.weight, &self.bias, self.eps)
+        } else {
+            self.forward_t(&(xs + residual)?, train)
+        }
+    }
+
     /// Scale `(D)`, shift `(D)` and epsilon, for kernels that fuse the norm with other work.
     pub fn params(&self) -> (&Tensor, &Tensor, f64) {
         (&self.weight, &self.bias, self.eps)
