@@ -395,6 +395,13 @@ impl Encoder {
         for (i, layer) in self.layers.iter().enumerate() {
             let keep = if i == last { rows } else { None };
             xs = layer.forward_t(&xs, bias.as_ref(), train, keep)?;
+            if !train {
+                // The fused kernels record their inputs for a backward pass; at inference each
+                // layer's output is cut from that graph, so an encoding that is kept (a batch of
+                // predictions, the bench's stage inputs) does not keep every layer's
+                // activations alive (candle-nn's fused inference kernels had no graph either).
+                xs = xs.detach();
+            }
         }
         match &self.final_norm {
             Some(norm) => norm.forward_t(&xs, train),
@@ -506,6 +513,33 @@ mod tests {
         let (all, cut) = (cfg.forward_flops(3, 9), cfg.prefix_flops(3, 9, 4));
         assert!(cut < all && cut > all / 2.0, "{cut} of {all}");
         assert_eq!(cfg.prefix_flops(3, 9, 9), all);
+        Ok(())
+    }
+
+    /// At inference the output is cut from the op graph (backward from it reaches no weight),
+    /// so kept encodings do not hold every layer's activations; in training it is not.
+    #[test]
+    fn inference_output_holds_no_graph() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let map = crate::init::SeededVarMap::new(1);
+        let enc = Encoder::new(&Config::tiny(), map.var_builder(DType::F32, &dev))?;
+        let xs = Tensor::randn(0f32, 1., (2, 5, 32), &dev)?;
+        let vars = map.varmap().all_vars();
+        // In training every weight but the key biases (a per-query constant the softmax
+        // ignores, whose gradient candle may leave out) is reached.
+        let layers = Config::tiny().num_hidden_layers;
+        for (train, reached) in [(false, 0), (true, vars.len() - layers)] {
+            let grads = enc.forward_t(&xs, None, train)?.sum_all()?.backward()?;
+            let got = vars
+                .iter()
+                .filter(|v| grads.get(v.as_tensor()).is_some())
+                .count();
+            assert!(
+                if train { got >= reached } else { got == 0 },
+                "train {train}: {got} of {} weights reached",
+                vars.len()
+            );
+        }
         Ok(())
     }
 
