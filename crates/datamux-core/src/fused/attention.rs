@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use datamux_kernels::{View, ViewMut};
 use rayon::prelude::*;
 
-use super::{LANES, exp, f32_data, kernel_err, lane_dot, lane_sum, vectorized};
+use super::{backward_by, exp, f32_data, kernel_err, lane_dot, lane_max, lane_sum, vectorized};
 
 /// `row <- softmax(row + bias)` in place.
 #[inline(always)]
@@ -14,18 +14,7 @@ fn softmax_row(row: &mut [f32], bias: Option<&[f32]>) {
     if let Some(bias) = bias {
         row.iter_mut().zip(bias).for_each(|(s, b)| *s += b);
     }
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (m, &x) in lanes.iter_mut().zip(c) {
-            *m = if x > *m { x } else { *m };
-        }
-    }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    let max = lane_max(row);
     row.iter_mut().for_each(|s| *s = exp(*s - max));
     let inv = 1.0 / lane_sum(row);
     row.iter_mut().for_each(|s| *s *= inv);
@@ -284,11 +273,7 @@ impl CustomOp1 for Attention {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad_op = AttentionGrad(self.clone());
-        Ok(Some(
-            arg.contiguous()?
-                .apply_op2_no_bwd(&grad.contiguous()?, &grad_op)?,
-        ))
+        backward_by(arg, grad, &AttentionGrad(self.clone()))
     }
 }
 

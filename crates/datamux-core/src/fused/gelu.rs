@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{exp, f32_data, supported, vectorized};
+use super::{backward_by, exp, f32_data, supported, vectorized};
 
 /// Elements per parallel chunk of the elementwise kernels: large enough that the task overhead
 /// is small, small enough that 2+ threads share a `(1040, 1024)` activation evenly.
@@ -70,10 +70,7 @@ impl CustomOp1 for GeluErf {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            arg.contiguous()?
-                .apply_op2_no_bwd(&grad.contiguous()?, &GeluErfGrad)?,
-        ))
+        backward_by(arg, grad, &GeluErfGrad)
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{LANES, exp, f32_data, supported, vectorized};
+use super::{backward_by, exp, f32_data, lane_max, lane_sum_zip, supported, vectorized};
 
 /// Mean cross-entropy of `logits (R, V)` against `targets (R)`, as `candle_nn::loss::
 /// cross_entropy` computes it; on the CPU in f32 one pass per row forward (the log-sum-exp) and
@@ -47,27 +47,8 @@ impl CrossEntropy {
     /// `log Σ_j e^{row_j}`, shifted by the row's maximum.
     #[inline(always)]
     fn log_sum_exp(row: &[f32]) -> f32 {
-        let mut lanes = [f32::NEG_INFINITY; LANES];
-        let mut chunks = row.chunks_exact(LANES);
-        for c in &mut chunks {
-            for (m, &x) in lanes.iter_mut().zip(c) {
-                *m = if x > *m { x } else { *m };
-            }
-        }
-        let max = chunks
-            .remainder()
-            .iter()
-            .chain(&lanes)
-            .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
-        let mut sums = [0f32; LANES];
-        let mut chunks = row.chunks_exact(LANES);
-        for c in &mut chunks {
-            for (s, &x) in sums.iter_mut().zip(c) {
-                *s += exp(x - max);
-            }
-        }
-        let tail: f32 = chunks.remainder().iter().map(|&x| exp(x - max)).sum();
-        max + (tail + sums.iter().sum::<f32>()).ln()
+        let max = lane_max(row);
+        max + lane_sum_zip(row, row, |x, _| exp(x - max)).ln()
     }
 }
 
@@ -88,11 +69,7 @@ impl CustomOp1 for CrossEntropy {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let op = CrossEntropyGrad(self.clone());
-        Ok(Some(
-            arg.contiguous()?
-                .apply_op2_no_bwd(&grad.contiguous()?, &op)?,
-        ))
+        backward_by(arg, grad, &CrossEntropyGrad(self.clone()))
     }
 }
 

@@ -16,7 +16,7 @@
 //! gradients at odd sizes.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Tensor};
 
 mod attention;
 mod gelu;
@@ -62,34 +62,62 @@ pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
 /// vector register (a float reduction is not reassociated into SIMD on its own).
 const LANES: usize = 16;
 
-/// `Σ row`, in `LANES` partial sums (vectorises inside [`vectorized`]).
+/// `Σ_i f(a_i, b_i)` over the common length, in `LANES` partial sums (vectorises inside
+/// [`vectorized`]): the tail past the last full lane group, then the lanes.
 #[inline(always)]
-pub fn lane_sum(row: &[f32]) -> f32 {
-    let mut lanes = [0f32; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for c in &mut chunks {
-        lanes.iter_mut().zip(c).for_each(|(s, &x)| *s += x);
-    }
-    chunks.remainder().iter().sum::<f32>() + lanes.iter().sum::<f32>()
-}
-
-/// `Σ a ⊙ b`, in `LANES` partial sums (vectorises inside [`vectorized`]).
-#[inline(always)]
-pub fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn lane_sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut lanes = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f32 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(&x, &y)| f(x, y))
         .sum();
     for (x, y) in ca.zip(cb) {
         for ((s, &x), &y) in lanes.iter_mut().zip(x).zip(y) {
-            *s += x * y;
+            *s += f(x, y);
         }
     }
     tail + lanes.iter().sum::<f32>()
+}
+
+/// `Σ row` ([`lane_sum_zip`]).
+#[inline(always)]
+pub fn lane_sum(row: &[f32]) -> f32 {
+    lane_sum_zip(row, row, |x, _| x)
+}
+
+/// `Σ a ⊙ b` ([`lane_sum_zip`]).
+#[inline(always)]
+pub fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    lane_sum_zip(a, b, |x, y| x * y)
+}
+
+/// `max row` (`-inf` when empty), in `LANES` partial maxima.
+#[inline(always)]
+fn lane_max(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
+/// The backward pass of a one-input kernel as another kernel, `op(arg, grad)`, outside the
+/// graph.
+fn backward_by(arg: &Tensor, grad: &Tensor, op: &impl CustomOp2) -> Result<Option<Tensor>> {
+    Ok(Some(
+        arg.contiguous()?
+            .apply_op2_no_bwd(&grad.contiguous()?, op)?,
+    ))
 }
 
 /// `e^x` to ~2 ulp over the f32 range, branch-free so that loops over it vectorise: Cody-Waite

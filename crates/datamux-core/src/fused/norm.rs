@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{LANES, f32_data, lane_sum, vectorized};
+use super::{f32_data, lane_sum, lane_sum_zip, vectorized};
 
 /// LayerNorm over the last dimension, `x (.., D)`, scale and shift `(D)`, with its backward
 /// (candle-nn's fused kernel has none, and the composed one is ~10 passes per call).
@@ -87,10 +87,7 @@ impl CustomOp3 for AddNorm {
                             .zip(a)
                             .zip(b)
                             .for_each(|((x, a), b)| *x = a + b);
-                        let (mean, inv) = self.0.stats(&x);
-                        for (((y, &x), &g), &c) in y.iter_mut().zip(&x).zip(g).zip(beta) {
-                            *y = (x - mean) * inv * g + c;
-                        }
+                        self.0.normalize_row(y, &x, g, beta);
                     }
                 })
             });
@@ -132,20 +129,17 @@ impl LayerNormOp {
     fn stats(&self, x: &[f32]) -> (f32, f32) {
         let n = x.len() as f32;
         let mean = lane_sum(x) / n;
-        let mut lanes = [0f32; LANES];
-        let mut chunks = x.chunks_exact(LANES);
-        for c in &mut chunks {
-            for (s, &v) in lanes.iter_mut().zip(c) {
-                *s += (v - mean) * (v - mean);
-            }
-        }
-        let tail: f32 = chunks
-            .remainder()
-            .iter()
-            .map(|v| (v - mean) * (v - mean))
-            .sum();
-        let var = (tail + lanes.iter().sum::<f32>()) / n;
+        let var = lane_sum_zip(x, x, |v, _| (v - mean) * (v - mean)) / n;
         (mean, 1.0 / (var + self.eps).sqrt())
+    }
+
+    /// `y = (x - μ) / σ ⊙ gamma + beta` for one row.
+    #[inline(always)]
+    fn normalize_row(&self, y: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32]) {
+        let (mean, inv) = self.stats(x);
+        for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
+            *y = (x - mean) * inv * g + b;
+        }
     }
 
     fn check<'a>(
@@ -193,10 +187,7 @@ impl CustomOp3 for LayerNormOp {
             .for_each(|(y, x)| {
                 vectorized(|| {
                     for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                        let (mean, inv) = self.stats(x);
-                        for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(g).zip(b) {
-                            *y = (x - mean) * inv * g + b;
-                        }
+                        self.normalize_row(y, x, g, b);
                     }
                 })
             });
@@ -283,20 +274,7 @@ impl CustomOp3 for LayerNormGrad {
                         let n = d as f32;
                         let mean_h = lane_sum(&h) / n;
                         // Σ h ⊙ x̂ = inv · Σ h ⊙ (x - μ)
-                        let mut lanes = [0f32; LANES];
-                        let (mut ch, mut cx) = (h.chunks_exact(LANES), x.chunks_exact(LANES));
-                        for (a, b) in (&mut ch).zip(&mut cx) {
-                            for ((s, &a), &b) in lanes.iter_mut().zip(a).zip(b) {
-                                *s += a * (b - mean);
-                            }
-                        }
-                        let tail: f32 = ch
-                            .remainder()
-                            .iter()
-                            .zip(cx.remainder())
-                            .map(|(a, b)| a * (b - mean))
-                            .sum();
-                        let mean_hx = (tail + lanes.iter().sum::<f32>()) * inv / n;
+                        let mean_hx = lane_sum_zip(&h, x, |h, x| h * (x - mean)) * inv / n;
                         for ((((dx, &h), &x), &dy), (dg, db)) in dx
                             .iter_mut()
                             .zip(&h)
