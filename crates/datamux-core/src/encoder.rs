@@ -114,13 +114,8 @@ impl Config {
     /// multiply-adds) and the FFN (2·D·F), plus the scores and the weighted values (2·len·D).
     /// Softmax, LayerNorm, GELU and the residual sums are left out, as in the usual count.
     pub fn forward_flops(&self, rows: usize, len: usize) -> f64 {
-        let (d, f, t) = (
-            self.hidden_size as f64,
-            self.intermediate_size as f64,
-            len as f64,
-        );
-        let per_layer = t * (8.0 * d * d + 4.0 * d * f) + 4.0 * t * t * d;
-        rows as f64 * self.num_hidden_layers as f64 * per_layer
+        // Every position kept in the last layer is the full count.
+        self.prefix_flops(rows, len, len)
     }
 
     /// [`Self::forward_flops`] when the last layer queries only the first `keep` positions
@@ -512,7 +507,20 @@ mod tests {
         let cfg = Config::tiny();
         let (all, cut) = (cfg.forward_flops(3, 9), cfg.prefix_flops(3, 9, 4));
         assert!(cut < all && cut > all / 2.0, "{cut} of {all}");
-        assert_eq!(cfg.prefix_flops(3, 9, 9), all);
+        // The cut last layer, listed by shape: packed Q/K/V for all 9 positions, scores and
+        // weighted values for 4 queries, the output projection and the FFN for 4 rows.
+        let (rows, t, k, d, f, h) = (3, 9, 4, 32, 37, 4);
+        let mm = |m: usize, n: usize, p: usize| 2 * m * n * p;
+        let last = mm(rows * t, d, 3 * d)
+            + rows * h * (mm(k, d / h, t) + mm(k, t, d / h))
+            + mm(rows * k, d, d)
+            + mm(rows * k, d, f)
+            + mm(rows * k, f, d);
+        let per_layer = all / cfg.num_hidden_layers as f64;
+        assert_eq!(
+            cut,
+            per_layer * (cfg.num_hidden_layers - 1) as f64 + last as f64
+        );
         Ok(())
     }
 

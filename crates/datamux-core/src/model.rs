@@ -208,17 +208,23 @@ impl<F: Frontend, B: Backbone> MuxNet<F, B> {
         })
     }
 
+    /// The backbone output rows the summary demux reads, the prefix, where the backbone keeps
+    /// positions and there is a prefix; `None` where the whole output is read.
+    pub fn summary_rows(&self) -> Option<usize> {
+        (self.backbone.is_sequence() && self.prefix_len() > 0).then_some(self.prefix_len())
+    }
+
     /// [`Self::encode`] with only the prefix `(B, P, D)` kept, for a demux that reads nothing
     /// else ([`Positions::Summary`]); the backbone may skip the rest of its last layer. A
     /// backbone that pools has one output position and is encoded whole.
     pub fn encode_prefix(&self, input: &F::Input, train: bool) -> Result<Encoded> {
-        if !self.backbone.is_sequence() || self.prefix_len() == 0 {
+        let Some(rows) = self.summary_rows() else {
             return self.encode(input, train);
-        }
+        };
         let (muxed, pad) = self.embed_and_mux(input, train)?;
-        let hidden =
-            self.backbone
-                .forward_prefix(&muxed, pad.as_ref(), train, self.prefix_len())?;
+        let hidden = self
+            .backbone
+            .forward_prefix(&muxed, pad.as_ref(), train, rows)?;
         Ok(Encoded {
             hidden,
             prefix_len: self.prefix_len(),

@@ -182,7 +182,7 @@ fn time_stages<F: Frontend, B: Backbone>(
         .collect::<candle_core::Result<Vec<_>>>()?;
     // Every call's (B, T, D) as the encoder receives it, prefix included; as the model runs at
     // inference, the last layer only for the prefix the summary demux reads.
-    let keep = (net.backbone.is_sequence() && net.prefix_len() > 0).then_some(net.prefix_len());
+    let keep = net.summary_rows();
     let encoder_flops = muxed
         .iter()
         .map(|(xs, _)| {
