@@ -118,4 +118,23 @@ pub enum DataError {
         path: PathBuf,
         message: String,
     },
+    #[error("models folder {} does not exist (set by {origin}); point it at a folder laid out <owner>/<name>/ such as ../shared/models", path.display())]
+    NoModelsDir { path: PathBuf, origin: String },
+    #[error("model `{repo}`: expected a hub id `owner/name`")]
+    BadModelId { repo: String },
+    #[error("model `{repo}`: {} is missing (the local folder must hold the repository's files)", path.display())]
+    ModelIncomplete { repo: String, path: PathBuf },
+    #[error("model `{repo}` not found; looked in: {}. {hint}", looked.join(", "))]
+    ModelNotFound {
+        repo: String,
+        looked: Vec<String>,
+        hint: String,
+    },
+    #[error("model `{repo}`: downloading {file} from {repo}@{revision} failed: {message}")]
+    ModelDownload {
+        repo: String,
+        revision: String,
+        file: String,
+        message: String,
+    },
 }

@@ -9,11 +9,15 @@
 //! Resolution order for a split: the local mirror directory (`--data-dir` / `DATAMUX_DATA_DIR`),
 //! then the hf-hub cache (read offline), then a download through hf-hub unless offline
 //! (`HF_HUB_OFFLINE=1` or the caller's flag). A split that cannot be found is an error naming every
-//! path looked at and how to provide the data.
+//! path looked at and how to provide the data. Pretrained models resolve the same way
+//! ([`models`]), from a models folder (`--models-dir` / `DATAMUX_MODELS_DIR`) laid out
+//! `<owner>/<name>/`.
 
 pub mod catalogue;
 pub mod error;
 pub mod examples;
+#[cfg(feature = "hub")]
+pub mod models;
 #[cfg(feature = "io")]
 pub mod read;
 #[cfg(feature = "io")]
@@ -23,6 +27,8 @@ pub mod splits;
 pub use catalogue::{Catalogue, Columns, DatasetEntry, Kind};
 pub use error::DataError;
 pub use examples::{Examples, Frames, Source, Split};
+#[cfg(feature = "hub")]
+pub use models::{ModelResolver, ModelSource, ResolvedModel};
 #[cfg(feature = "io")]
 pub use resolve::Resolver;
 pub use splits::{Cut, Splits};

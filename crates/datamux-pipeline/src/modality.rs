@@ -15,6 +15,8 @@ use crate::speed::Timing;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Env {
     pub data_dir: Option<std::path::PathBuf>,
+    /// Pretrained models, laid out `<owner>/<name>/` (`--models-dir`; else `DATAMUX_MODELS_DIR`).
+    pub models_dir: Option<std::path::PathBuf>,
     pub offline: bool,
     /// Checkpoints and warm-up checkpoints (`runs/`, git-ignored).
     pub runs_dir: std::path::PathBuf,

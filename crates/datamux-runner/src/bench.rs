@@ -252,6 +252,7 @@ fn text_point(size: Size, n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>)
         (1.0, 0.0),
         &map,
         &Device::Cpu,
+        None,
     )?;
     task.fixed_len = Some(cfg.seq_len);
     let t = &cfg.timing;
@@ -285,6 +286,7 @@ fn text_point(size: Size, n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>)
             (0.9, 0.1),
             &map,
             &Device::Cpu,
+            None,
         )?;
         train.fixed_len = Some(cfg.seq_len);
         let vars = map.sorted_vars()?.into_iter().map(|(_, v)| v).collect();

@@ -75,7 +75,7 @@ pub fn identity(run: &RunConfig, profile: &str, source: &str) -> Identity {
     .with_provenance(&Provenance::current())
 }
 
-/// `unavailable` when the data cannot be had, `error` for anything else.
+/// `unavailable` when the data (or a pretrained model) cannot be had, `error` for anything else.
 pub fn status_of(err: &anyhow::Error) -> Status {
     let unavailable = err.chain().any(|e| {
         matches!(
@@ -85,6 +85,8 @@ pub fn status_of(err: &anyhow::Error) -> Status {
                     | DataError::NoDataDir { .. }
                     | DataError::UnknownSplit { .. }
                     | DataError::Download { .. }
+                    | DataError::ModelNotFound { .. }
+                    | DataError::ModelDownload { .. }
             )
         )
     });

@@ -50,6 +50,9 @@ struct DataArgs {
     /// Local mirror of the datasets (else DATAMUX_DATA_DIR).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Local folder of pretrained models, laid out <owner>/<name>/ (else DATAMUX_MODELS_DIR).
+    #[arg(long)]
+    models_dir: Option<PathBuf>,
     /// Never download; use the mirror and the hf-hub cache only (also HF_HUB_OFFLINE=1).
     #[arg(long)]
     offline: bool,
@@ -161,6 +164,9 @@ fn env_for(data: &DataArgs, profile: &str) -> Result<Env> {
     let root = std::env::current_dir()?;
     Ok(Env {
         data_dir: data.data_dir.clone(),
+        // Resolved (and checked to exist) here, so a worker sees the folder the command named.
+        models_dir: datamux_data::ModelResolver::from_env(data.models_dir.clone(), data.offline)?
+            .models_dir,
         offline: data.offline,
         runs_dir: root.join("runs"),
         cache_dir: root.join(".cache"),
@@ -169,10 +175,12 @@ fn env_for(data: &DataArgs, profile: &str) -> Result<Env> {
 }
 
 /// The catalogue of the data directory (the built-in one, with `<data dir>/catalogue.toml`
-/// merged over it). A missing mirror is reported once, up front, rather than as an unavailable
-/// row per run.
+/// merged over it). A missing mirror (or models folder) is reported once, up front, rather than
+/// as an unavailable row per run.
 fn catalogue(data: &DataArgs) -> Result<Catalogue> {
     let resolver = datamux_data::Resolver::from_env(data.data_dir.clone(), data.offline)?;
+    // A models folder that is named must exist, checked as early as the data directory.
+    datamux_data::ModelResolver::from_env(data.models_dir.clone(), data.offline)?;
     Ok(Catalogue::load(resolver.data_dir.as_deref())?)
 }
 

@@ -86,6 +86,7 @@ fn main() -> Result<()> {
         (0.0, 1.0),
         &map,
         &Device::Cpu,
+        None,
     )?;
     run(&task, &map, &train, 300, 3e-3)?;
     println!(

@@ -63,6 +63,17 @@ pub struct Config {
     /// Left out of the serialised settings at its default, so older runs keep their hashes.
     #[serde(skip_serializing_if = "SentenceReadout::is_summary")]
     pub sentence_readout: SentenceReadout,
+    /// A pretrained BERT checkpoint by hub id (`owner/name`), e.g.
+    /// `sentence-transformers/all-MiniLM-L6-v2` (`crate::pretrained`). Its `config.json` then
+    /// gives the encoder's sizes and LayerNorm epsilon, the vocabulary and the embedding
+    /// LayerNorm, and its `tokenizer.json` the tokenizer (so `size`, `encoder`'s sizes,
+    /// `vocab_size`, `lowercase`, `embedding_norm` and `tokenizer` are not read); the dropout
+    /// probabilities, `max_length` and `mux_norm` stay settings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pretrained: Option<String>,
+    /// The hub revision (branch, tag or commit) of `pretrained`; the default branch when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
 }
 
 impl Default for Config {
@@ -79,6 +90,8 @@ impl Default for Config {
             mux_norm: false,
             retrieval_fraction: 1.0, // the reference keeps every target
             sentence_readout: SentenceReadout::Summary,
+            pretrained: None,
+            revision: None,
         }
     }
 }
@@ -137,6 +150,12 @@ impl Config {
             ));
         }
         let _ = (n, demux); // the prefix takes no position embeddings, so it adds no limit
-        Ok(())
+        match (&self.pretrained, &self.tokenizer, &self.revision) {
+            (Some(repo), Some(tk), _) => Err(format!(
+                "pretrained `{repo}` brings its own tokenizer.json; drop tokenizer = \"{tk}\""
+            )),
+            (None, _, Some(rev)) => Err(format!("revision \"{rev}\" is set without pretrained")),
+            _ => Ok(()),
+        }
     }
 }

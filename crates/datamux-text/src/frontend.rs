@@ -21,10 +21,14 @@ pub struct TextInput {
     pub pad: Tensor,
 }
 
-/// Parameter paths: `tokens.weight`, `positions.weight`, `norm.*`.
+/// Parameter paths: `tokens.weight`, `positions.weight`, `norm.*`, and `token_types.weight`
+/// with [`TextFrontend::with_token_types`].
 #[derive(Clone, Debug)]
 pub struct TextFrontend {
     tokens: Tensor,
+    /// BERT's token type table `(T, D)`; every instance is segment 0, so row 0 is added to
+    /// every position (pairs are not told apart by type: the from-scratch model does not either).
+    token_types: Option<Tensor>,
     tail: PositionEmbedding,
     d: usize,
 }
@@ -42,8 +46,27 @@ impl TextFrontend {
         Ok(Self {
             tokens: layers::embedding_table(vocab, d, vb.pp("tokens"))?,
             tail: PositionEmbedding::new(max_length, d, norm, dropout, eps, vb)?,
+            token_types: None,
             d,
         })
+    }
+
+    /// BERT's embedding block: a `(count, D)` token type table, row 0 added at every position.
+    pub fn with_token_types(mut self, count: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        self.token_types = Some(layers::embedding_table(
+            count,
+            self.d,
+            vb.pp("token_types"),
+        )?);
+        Ok(self)
+    }
+
+    /// Row 0 of the token type table, `(1, D)`, where there is one.
+    fn segment(&self) -> Result<Option<Tensor>> {
+        self.token_types
+            .as_ref()
+            .map(|t| t.narrow(0, 0, 1))
+            .transpose()
     }
 }
 
@@ -59,6 +82,10 @@ impl Frontend for TextFrontend {
             .tokens
             .index_select(&input.ids.flatten_all()?, 0)?
             .reshape((b, n, l, self.d))?;
+        let tok = match self.segment()? {
+            Some(row) => tok.broadcast_add(&row)?, // + (1, D)
+            None => tok,
+        };
         self.tail.forward_t(&tok, &input.pad, train)
     }
 
@@ -92,12 +119,12 @@ impl Frontend for TextFrontend {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?; // N·D
-        let positions = self
-            .tail
-            .positions
-            .narrow(0, 0, l)?
-            .flatten_all()?
-            .to_vec1::<f32>()?; // L·D
+        let positions = self.tail.positions.narrow(0, 0, l)?;
+        let positions = match self.segment()? {
+            Some(row) => positions.broadcast_add(&row)?, // the segment's row folded in, (L, D)
+            None => positions,
+        };
+        let positions = positions.flatten_all()?.to_vec1::<f32>()?; // L·D
         let norm = match &self.tail.norm {
             Some(norm) => {
                 let (w, bias, eps) = norm.params();

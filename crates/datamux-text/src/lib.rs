@@ -5,14 +5,14 @@
 //! The runner hands this crate plain Rust inputs (strings, word lists, label ids), never polars;
 //! [`pipeline::Text`] is the modality it drives, with the retrieval warm-up in [`warmup`].
 //! The embeddings are a [`datamux_core::Frontend`] and the trunk is the core encoder behind the
-//! [`datamux_core::Backbone`] trait, so a pretrained BERT-family encoder can later stand in for
-//! the from-scratch one by implementing `Backbone` (and loading its own embeddings as a
-//! `Frontend`), without touching the tasks.
+//! [`datamux_core::Backbone`] trait. A pretrained BERT checkpoint ([`pretrained`]) loads into
+//! the same frontend and encoder (`model.text.pretrained`), without touching the tasks.
 
 pub mod config;
 pub mod frontend;
 pub mod metrics;
 pub mod pipeline;
+pub mod pretrained;
 pub mod task;
 pub mod tokenizer;
 pub mod warmup;
@@ -20,5 +20,6 @@ pub mod warmup;
 pub use config::{Config, SentenceReadout, Size};
 pub use frontend::{TextFrontend, TextInput};
 pub use pipeline::Text;
+pub use pretrained::{Pretrained, PretrainedError};
 pub use task::{SentenceData, TextTask, TokenData};
 pub use tokenizer::{TextError, TextTokenizer};

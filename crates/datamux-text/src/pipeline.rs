@@ -7,13 +7,14 @@ use std::path::Path;
 use anyhow::{Context as _, Result, bail, ensure};
 use candle_core::Device;
 use datamux_core::SeededVarMap;
-use datamux_data::{Catalogue, Examples, Kind, Split, Splits};
+use datamux_data::{Catalogue, Examples, Kind, ModelResolver, Split, Splits};
 use datamux_pipeline::{
-    Context, Modality, Record, RunConfig, SpeedPoint, Stage, section_json, stages,
+    Context, Env, Modality, Record, RunConfig, SpeedPoint, Stage, section_json, stages,
 };
 use serde_json::value::RawValue;
 
 use crate::config::{Config, SentenceReadout, Size};
+use crate::pretrained::{Pretrained, PretrainedError};
 use crate::task::{HeadKind, SentenceData, TextData, TextTask, TokenData};
 use crate::tokenizer::TextTokenizer;
 use crate::warmup;
@@ -21,7 +22,8 @@ use crate::warmup;
 /// The text modality (`modality = "text"`).
 pub struct Text;
 
-/// The text backbones: the core Transformer encoder, trained from scratch.
+/// The text backbones: the core Transformer encoder, trained from scratch or loaded from a
+/// pretrained BERT (`model.text.pretrained`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Transformer,
@@ -65,10 +67,37 @@ pub fn warmup_run(run: &RunConfig) -> Result<RunConfig> {
     Ok(out)
 }
 
-/// The tokenizer of a run: loaded from `model.text.tokenizer`, or trained on the training text
-/// and cached under `<cache>/tokenizers/` (a cached file is reused, never retrained).
-pub fn tokenizer(run: &RunConfig, cache_dir: &Path, train: &Split) -> Result<TextTokenizer> {
+/// The pretrained checkpoint of a run (`model.text.pretrained`), resolved from the models
+/// folder, the hf-hub cache or the hub; `None` for a model trained from scratch.
+pub fn pretrained(run: &RunConfig, env: &Env) -> Result<Option<Pretrained>> {
     let cfg = settings(run)?;
+    let Some(repo) = &cfg.pretrained else {
+        return Ok(None);
+    };
+    let resolver = ModelResolver::from_env(env.models_dir.clone(), env.offline)?;
+    match Pretrained::resolve(repo, cfg.revision.as_deref(), &resolver) {
+        Ok(p) => Ok(Some(p)),
+        // The data error itself, so that the runner sees a model that cannot be had (an
+        // `unavailable` row) as it sees a dataset that cannot be had.
+        Err(PretrainedError::Resolve(e)) => Err(e.into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The tokenizer of a run: the pretrained checkpoint's `tokenizer.json`, or loaded from
+/// `model.text.tokenizer`, or trained on the training text and cached under
+/// `<cache>/tokenizers/` (a cached file is reused, never retrained). Truncation is always the
+/// run's `max_length`, whatever the file says.
+pub fn tokenizer(
+    run: &RunConfig,
+    cache_dir: &Path,
+    train: &Split,
+    pretrained: Option<&Pretrained>,
+) -> Result<TextTokenizer> {
+    let cfg = settings(run)?;
+    if let Some(p) = pretrained {
+        return Ok(TextTokenizer::from_file(&p.tokenizer_file, cfg.max_length)?);
+    }
     if let Some(path) = &cfg.tokenizer {
         return Ok(TextTokenizer::from_file(Path::new(path), cfg.max_length)?);
     }
@@ -143,6 +172,7 @@ pub fn text_task(
     tk: &TextTokenizer,
     weights: (f64, f64),
     map: &SeededVarMap,
+    pretrained: Option<&Pretrained>,
 ) -> Result<TextTask> {
     Ok(TextTask::new(
         &settings(run)?,
@@ -154,6 +184,7 @@ pub fn text_task(
         weights,
         map,
         &Device::Cpu,
+        pretrained,
     )?)
 }
 
@@ -203,12 +234,20 @@ impl Modality for Text {
                 corpus.kind.name()
             );
         }
-        run.model.mux.validate(n, text.encoder().hidden_size)?;
+        // A pretrained width is known once its config.json is read; the model checks it then.
+        if text.pretrained.is_none() {
+            run.model.mux.validate(n, text.encoder().hidden_size)?;
+        }
         Ok(())
     }
 
+    /// `LxD` from scratch; the repository's name for a pretrained backbone.
     fn model_size(&self, run: &RunConfig) -> Result<String> {
-        let e = settings(run)?.encoder();
+        let text = settings(run)?;
+        if let Some(repo) = &text.pretrained {
+            return Ok(repo.rsplit('/').next().unwrap_or(repo).to_string());
+        }
+        let e = text.encoder();
         Ok(format!("{}x{}", e.num_hidden_layers, e.hidden_size))
     }
 
@@ -227,7 +266,8 @@ impl Modality for Text {
 
     fn train(&self, run: &RunConfig, s: &Splits, ctx: &mut Context<'_>) -> Result<Vec<Record>> {
         ctx.tick(Stage::Prepare, 0, 1, "tokenizer");
-        let tk = tokenizer(run, &ctx.env.cache_dir, &s.train)?;
+        let pre = pretrained(run, ctx.env)?;
+        let tk = tokenizer(run, &ctx.env.cache_dir, &s.train, pre.as_ref())?;
         let (train, head) = text_data(&s.train, &tk)?;
         let (valid, _) = text_data(&s.valid, &tk)?;
         let (test, _) = text_data(&s.test, &tk)?;
@@ -236,11 +276,12 @@ impl Modality for Text {
         let mut rows = Vec::new();
         let map = SeededVarMap::new(run.seed);
         let weights = (run.train.task_weight, run.train.retrieval_weight);
-        let task = text_task(run, head, labels, &tk, weights, &map)?;
+        let task = text_task(run, head, labels, &tk, weights, &map, pre.as_ref())?;
         if run.warmup.enabled {
             let shared = warmup::Shared {
                 splits: s,
                 tk: &tk,
+                pretrained: pre.as_ref(),
                 head,
                 labels,
                 valid: &valid,
@@ -276,10 +317,12 @@ impl Modality for Text {
     }
 
     fn speed(&self, run: &RunConfig, s: &Splits, ctx: &mut Context<'_>) -> Result<SpeedPoint> {
-        let tk = tokenizer(run, &ctx.env.cache_dir, &s.train)?;
+        let pre = pretrained(run, ctx.env)?;
+        let tk = tokenizer(run, &ctx.env.cache_dir, &s.train, pre.as_ref())?;
         let (data, head) = text_data(&s.test, &tk)?;
         let map = SeededVarMap::new(run.seed);
-        let mut task = text_task(run, head, &s.test.label_names, &tk, (1.0, 0.0), &map)?;
+        let labels = &s.test.label_names;
+        let mut task = text_task(run, head, labels, &tk, (1.0, 0.0), &map, pre.as_ref())?;
         // The speed protocol pads every instance to the same length (method.md §9.2).
         let len = settings(run)?.max_length;
         task.fixed_len = Some(len);

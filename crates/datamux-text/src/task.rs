@@ -18,6 +18,7 @@ use datamux_core::task::{self, Losses, Score, Task};
 use crate::config::{Config, SentenceReadout};
 use crate::frontend::{TextBackbone, TextFrontend, TextInput};
 use crate::metrics;
+use crate::pretrained::Pretrained;
 use crate::tokenizer::{TextError, TextTokenizer};
 
 /// Label id of token positions that carry no label (specials, later sub-tokens, padding).
@@ -212,7 +213,9 @@ pub struct TextTask {
 
 impl TextTask {
     /// Parameters under `frontend.*`, `backbone.*`, `mux.*`, `demux.*`, `head.*` and
-    /// `retrieval.*` of `map`.
+    /// `retrieval.*` of `map`. With `pretrained`, the frontend and backbone take its sizes and
+    /// are loaded from it (the vocabulary is the checkpoint's, `vocab` is checked against it);
+    /// every other variable is new.
     pub fn new(
         cfg: &Config,
         mux: &model::Config,
@@ -223,22 +226,47 @@ impl TextTask {
         weights: (f64, f64),
         map: &SeededVarMap,
         device: &Device,
+        pretrained: Option<&Pretrained>,
     ) -> Result<Self> {
-        let enc = cfg.encoder();
         cfg.validate(mux.n_instances, mux.demux.kind)
             .map_err(candle_core::Error::Msg)?;
         let vb = map.var_builder(DType::F32, device);
+        let (enc, v) = match pretrained {
+            Some(p) => {
+                let pc = &p.config;
+                if vocab > pc.vocab_size {
+                    candle_core::bail!(
+                        "model `{}`: the tokenizer has {vocab} tokens, the checkpoint's vocabulary {}",
+                        p.repo,
+                        pc.vocab_size
+                    );
+                }
+                if cfg.max_length > pc.max_position_embeddings {
+                    candle_core::bail!(
+                        "max_length {} exceeds the {} positions of `{}`",
+                        cfg.max_length,
+                        pc.max_position_embeddings,
+                        p.repo
+                    );
+                }
+                (p.encoder_config(&cfg.encoder()), pc.vocab_size)
+            }
+            None => (cfg.encoder(), vocab),
+        };
         let d = enc.hidden_size;
-        let v = vocab;
         let frontend = TextFrontend::new(
             v,
             cfg.max_length,
             d,
-            cfg.embedding_norm,
+            cfg.embedding_norm || pretrained.is_some(), // BERT's embedding LayerNorm
             cfg.embedding_dropout,
             enc.layer_norm_eps,
             vb.pp("frontend"),
         )?;
+        let frontend = match pretrained {
+            Some(p) => frontend.with_token_types(p.config.type_vocab_size, vb.pp("frontend"))?,
+            None => frontend,
+        };
         let backbone = TextBackbone::new(&enc, cfg.mux_norm, vb.pp("backbone"))?;
         let net = MuxNet::new(mux, frontend, backbone, map.seed(), vb.clone())?;
         let classes = label_names.len();
@@ -247,6 +275,9 @@ impl TextTask {
             HeadKind::Token => Head::Token(TokenHead::new(d, classes, vb.pp("head"))?),
         };
         let retrieval = RetrievalHead::new(&mux.demux, mux.n_instances, d, v, vb.pp("retrieval"))?;
+        if let Some(p) = pretrained {
+            p.load_into(map).map_err(candle_core::Error::wrap)?;
+        }
         Ok(Self {
             net,
             head,

@@ -15,6 +15,7 @@ use datamux_pipeline::train::Outcome;
 use datamux_pipeline::{Context, Record, RunConfig, Stage, checkpoint, stages};
 
 use crate::pipeline::{text_lines, text_task, warmup_run};
+use crate::pretrained::Pretrained;
 use crate::task::{HeadKind, SentenceData, TextData, TextTask};
 use crate::tokenizer::TextTokenizer;
 
@@ -22,6 +23,8 @@ use crate::tokenizer::TextTokenizer;
 pub struct Shared<'a> {
     pub splits: &'a Splits,
     pub tk: &'a TextTokenizer,
+    /// The checkpoint every warm-up starts from, for a pretrained backbone.
+    pub pretrained: Option<&'a Pretrained>,
     pub head: HeadKind,
     pub labels: &'a [String],
     pub valid: &'a TextData,
@@ -107,6 +110,7 @@ pub fn warm_up(
         shared.tk,
         (0.0, 1.0),
         &warm_map,
+        shared.pretrained,
     )?;
     if dir.join("model.safetensors").is_file() {
         ctx.tick(stage, 1, 1, "reusing checkpoint");

@@ -54,6 +54,7 @@ fn task(
         (0.9, 0.1),
         &SeededVarMap::new(0),
         &Device::Cpu,
+        None,
     )
 }
 
@@ -117,6 +118,7 @@ fn fused_embed_and_mux_agrees_with_two_steps() -> Result<()> {
             (0.9, 0.1),
             &SeededVarMap::new(0),
             &Device::Cpu,
+            None,
         )?;
         let b = t.batch(&data, &slots, &mut rng_for(0, "r"))?;
         let net = &t.net;

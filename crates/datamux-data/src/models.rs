@@ -1,0 +1,232 @@
+//! Finding the files of a pretrained model repository: the local models folder first
+//! (`<models dir>/<owner>/<name>/`, as `../shared/models`), then the hf-hub cache (offline), then
+//! a download through hf-hub when allowed. The same order as datasets ([`crate::resolve`]).
+
+use std::path::{Path, PathBuf};
+
+use hf_hub::{Cache, Repo, RepoType};
+
+use crate::error::DataError;
+
+/// Where a model's files were found, for the tables' provenance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// The local models folder, `<models dir>/<owner>/<name>/`.
+    Local { folder: PathBuf },
+    /// The hf-hub cache, after a download or from an earlier one.
+    Hub { repo: String, revision: String },
+}
+
+/// The requested files of one model repository, in the order asked for.
+#[derive(Debug, Clone)]
+pub struct ResolvedModel {
+    pub repo: String,
+    pub files: Vec<PathBuf>,
+    pub source: ModelSource,
+}
+
+/// Model resolution settings.
+#[derive(Debug, Clone)]
+pub struct ModelResolver {
+    /// The local models folder (`<dir>/<owner>/<name>/<file>`).
+    pub models_dir: Option<PathBuf>,
+    /// The hf-hub cache (`$HF_HOME/hub` or `~/.cache/huggingface/hub`).
+    pub hub_cache: PathBuf,
+    /// Never download.
+    pub offline: bool,
+}
+
+impl ModelResolver {
+    /// From the command line where given, else the environment: `DATAMUX_MODELS_DIR`,
+    /// `HF_HOME`, `HF_HUB_OFFLINE`. A models folder that is named must exist.
+    pub fn from_env(models_dir: Option<PathBuf>, offline: bool) -> Result<Self, DataError> {
+        let (dir, origin) = match models_dir {
+            Some(d) => (Some(d), "--models-dir"),
+            None => (
+                std::env::var_os("DATAMUX_MODELS_DIR").map(PathBuf::from),
+                "DATAMUX_MODELS_DIR",
+            ),
+        };
+        if let Some(dir) = &dir {
+            if !dir.is_dir() {
+                return Err(DataError::NoModelsDir {
+                    path: dir.clone(),
+                    origin: origin.to_string(),
+                });
+            }
+        }
+        let env_offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
+        Ok(Self {
+            models_dir: dir,
+            hub_cache: Cache::from_env().path().clone(),
+            offline: offline || env_offline,
+        })
+    }
+
+    /// `files` of the model `repo` (`owner/name`) at `revision` (the hub's default branch when
+    /// `None`). The local folder holds one unversioned copy, so it answers only when no revision
+    /// is asked for; a local folder that exists must hold every file (it is what the user meant).
+    pub fn resolve(
+        &self,
+        repo: &str,
+        revision: Option<&str>,
+        files: &[&str],
+    ) -> Result<ResolvedModel, DataError> {
+        if repo.split('/').count() != 2 || repo.split('/').any(str::is_empty) {
+            return Err(DataError::BadModelId {
+                repo: repo.to_string(),
+            });
+        }
+        let mut looked = Vec::new();
+        let mut hints = Vec::new();
+        if let (Some(dir), None) = (&self.models_dir, revision) {
+            let folder = dir.join(repo);
+            if folder.is_dir() {
+                let paths: Vec<PathBuf> = files.iter().map(|f| folder.join(f)).collect();
+                if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
+                    return Err(DataError::ModelIncomplete {
+                        repo: repo.to_string(),
+                        path: missing.clone(),
+                    });
+                }
+                return Ok(ResolvedModel {
+                    repo: repo.to_string(),
+                    files: paths,
+                    source: ModelSource::Local { folder },
+                });
+            }
+            looked.push(folder.display().to_string());
+        } else if self.models_dir.is_none() {
+            looked.push(format!("<models dir>/{repo}/ (no models folder set)"));
+        }
+        hints.push(format!(
+            "put the repository's {} under <models dir>/{repo}/ and pass --models-dir or set \
+             DATAMUX_MODELS_DIR",
+            files.join(", ")
+        ));
+        let revision = revision.unwrap_or("main").to_string();
+        let hub_repo = Repo::with_revision(repo.to_string(), RepoType::Model, revision.clone());
+        let cache = Cache::new(self.hub_cache.clone()).repo(hub_repo.clone());
+        let cached: Vec<Option<PathBuf>> = files.iter().map(|f| cache.get(f)).collect();
+        let source = ModelSource::Hub {
+            repo: repo.to_string(),
+            revision: revision.clone(),
+        };
+        if cached.iter().all(Option::is_some) {
+            return Ok(ResolvedModel {
+                repo: repo.to_string(),
+                files: cached.into_iter().flatten().collect(),
+                source,
+            });
+        }
+        looked.push(format!(
+            "{repo}@{revision} in the hf-hub cache {}",
+            self.hub_cache.display()
+        ));
+        if self.offline {
+            hints.push(
+                "allow downloads (unset HF_HUB_OFFLINE, drop --offline) to fetch it from the hub"
+                    .to_string(),
+            );
+            return Err(DataError::ModelNotFound {
+                repo: repo.to_string(),
+                looked,
+                hint: format!("To provide it: {}.", hints.join("; or ")),
+            });
+        }
+        let fail = |file: &str, message: String| DataError::ModelDownload {
+            repo: repo.to_string(),
+            revision: revision.clone(),
+            file: file.to_string(),
+            message,
+        };
+        let api = hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(self.hub_cache.clone()))
+            .with_progress(true)
+            .build()
+            .map_err(|e| fail("(client)", e.to_string()))?;
+        let api_repo = api.repo(hub_repo);
+        let paths = files
+            .iter()
+            .map(|f| api_repo.get(f).map_err(|e| fail(f, e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ResolvedModel {
+            repo: repo.to_string(),
+            files: paths,
+            source,
+        })
+    }
+}
+
+impl ResolvedModel {
+    /// The folder the first file lies in (the snapshot or the local folder).
+    pub fn folder(&self) -> Option<&Path> {
+        self.files.first().and_then(|p| p.parent())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolver(models_dir: Option<PathBuf>, cache: PathBuf) -> ModelResolver {
+        ModelResolver {
+            models_dir,
+            hub_cache: cache,
+            offline: true,
+        }
+    }
+
+    /// The local folder wins, an incomplete one is an error naming the missing file, a cached
+    /// snapshot answers next, and nothing found offline names every place looked at.
+    #[test]
+    fn local_folder_then_hub_cache_then_a_clear_error() -> Result<(), Box<dyn std::error::Error>> {
+        let tmp = tempfile::tempdir()?;
+        let (models, cache) = (tmp.path().join("models"), tmp.path().join("hub"));
+        std::fs::create_dir_all(models.join("acme/local-bert"))?;
+        std::fs::write(models.join("acme/local-bert/config.json"), "{}")?;
+        let snap = cache.join("models--acme--cached-bert/snapshots/abc123");
+        std::fs::create_dir_all(&snap)?;
+        std::fs::write(snap.join("config.json"), "{}")?;
+        std::fs::create_dir_all(cache.join("models--acme--cached-bert/refs"))?;
+        std::fs::write(cache.join("models--acme--cached-bert/refs/main"), "abc123")?;
+        let r = resolver(Some(models.clone()), cache.clone());
+
+        let local = r.resolve("acme/local-bert", None, &["config.json"])?;
+        assert_eq!(
+            local.files,
+            vec![models.join("acme/local-bert/config.json")]
+        );
+        let err = r
+            .resolve(
+                "acme/local-bert",
+                None,
+                &["config.json", "model.safetensors"],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("acme/local-bert") && err.contains("model.safetensors"),
+            "{err}"
+        );
+        let hub = r.resolve("acme/cached-bert", None, &["config.json"])?;
+        assert_eq!(hub.files, vec![snap.join("config.json")]);
+        assert!(matches!(hub.source, ModelSource::Hub { .. }));
+
+        let err = r
+            .resolve("acme/nowhere", None, &["config.json"])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains('\n'), "one line: {err}");
+        for part in [
+            "acme/nowhere",
+            "hf-hub cache",
+            "DATAMUX_MODELS_DIR",
+            "HF_HUB_OFFLINE",
+        ] {
+            assert!(err.contains(part), "`{part}` missing from: {err}");
+        }
+        let err = r.resolve("no-owner", None, &["config.json"]).unwrap_err();
+        assert!(err.to_string().contains("owner/name"), "{err}");
+        Ok(())
+    }
+}
