@@ -227,9 +227,10 @@ impl Attention {
     }
 }
 
-/// ref: `RobertaLayer` (attention, intermediate, output).
+/// ref: `RobertaLayer` (attention, intermediate, output). Also the two layers of the
+/// contextual multiplexer (`mux.rs`).
 #[derive(Clone, Debug)]
-struct Layer {
+pub(crate) struct Layer {
     attn: Attention,
     attn_norm: LayerNorm,
     ffn_in: Linear,
@@ -240,7 +241,7 @@ struct Layer {
 }
 
 impl Layer {
-    fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
+    pub(crate) fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
             attn: Attention::new(cfg, vb.pp("attn"))?,
@@ -260,7 +261,7 @@ impl Layer {
     /// `(B, T, D) -> (B, T, D)`, or `(B, Q, D)` for the first `Q = rows` positions only: every
     /// position is still a key and value, but only those rows are queried and go on through the
     /// FFN (the last layer under a demux that reads only the prefix).
-    fn forward_t(
+    pub(crate) fn forward_t(
         &self,
         xs: &Tensor,
         bias: Option<&Tensor>,

@@ -22,6 +22,8 @@ pub enum ConfigError {
     BadEpsilon { epsilon: f64 },
     #[error("gaussian_hadamard norm must be positive and finite, got {norm}")]
     BadNorm { norm: f64 },
+    #[error("mux offset must be finite, got {offset}")]
+    BadOffset { offset: f64 },
     #[error(
         "the index demultiplexer needs a sequence backbone; {backbone} has no positions to prefix"
     )]

@@ -251,12 +251,17 @@ impl<F: Frontend, B: Backbone> MuxNet<F, B> {
                 }
             }
         }
-        self.mux_input(self.frontend.embed(input, train)?)
+        self.mux_input_t(self.frontend.embed(input, train)?, train)
     }
 
     /// Prefix, mux and mask: `(B, N, L, D)` embeddings -> `(B, P+L, D)` and the `(B, P+L)`
-    /// key-padding mask. Public so that the stages can be timed one by one.
+    /// key-padding mask, at inference. Public so that the stages can be timed one by one.
     pub fn mux_input(&self, embedded: Embedded) -> Result<(Tensor, Option<Tensor>)> {
+        self.mux_input_t(embedded, false)
+    }
+
+    /// [`Self::mux_input`], in training where `train` (a learned mux's dropout).
+    pub fn mux_input_t(&self, embedded: Embedded, train: bool) -> Result<(Tensor, Option<Tensor>)> {
         let Embedded { xs, pad } = embedded;
         let (_b, n, _l, _d) = xs.dims4()?;
         if n != self.n {
@@ -265,20 +270,33 @@ impl<F: Frontend, B: Backbone> MuxNet<F, B> {
                 self.n
             );
         }
-        let muxed = self.mux.forward(&xs)?; // (B, L, D)
-        self.add_prefix(muxed, pad)
+        let muxed = self.mux.forward_t(&xs, pad.as_ref(), train)?; // (B, L, D)
+        self.add_prefix_t(muxed, pad, train)
     }
 
     /// Muxed `(B, L, D)` and per-instance pad `(B, N, L)` -> `(B, P+L, D)` and `(B, P+L)`.
     fn add_prefix(&self, muxed: Tensor, pad: Option<Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+        self.add_prefix_t(muxed, pad, false)
+    }
+
+    fn add_prefix_t(
+        &self,
+        muxed: Tensor,
+        pad: Option<Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, _l, d) = muxed.dims3()?;
         let p = self.prefix_len();
         let muxed = match &self.prefix {
             Some(prefix) => {
-                // Every mux is position-wise, so mux([prefix ; xs]) = [mux(prefix) ; mux(xs)], and
-                // the prefix is the same for every row: mux it once, (1, N, P, D) -> (1, P, D),
-                // and broadcast, instead of materialising (B, N, P+L, D).
-                let pre = self.mux.forward(&prefix.tensor()?.unsqueeze(0)?)?; // (1, P, D)
+                // A position-wise mux gives mux([prefix ; xs]) = [mux(prefix) ; mux(xs)], and the
+                // prefix is the same for every row: mux it once, (1, N, P, D) -> (1, P, D), and
+                // broadcast, instead of materialising (B, N, P+L, D). The contextual mux is not
+                // position-wise; it contextualises the prefix on its own, apart from the tokens
+                // (the prefix slots are markers, not text), which is the same computation.
+                let pre = self
+                    .mux
+                    .forward_t(&prefix.tensor()?.unsqueeze(0)?, None, train)?; // (1, P, D)
                 let pre = pre.broadcast_as((b, p, d))?;
                 Tensor::cat(&[&pre, &muxed], 1)? // (B, P+L, D)
             }

@@ -14,6 +14,7 @@ use candle_core::{Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::encoder::{self, Layer};
 use crate::error::ConfigError;
 use crate::init::rng_for;
 use crate::keys;
@@ -30,14 +31,19 @@ pub enum MuxKind {
     BinaryHadamard,
     /// `Wᵢ x`, `Wᵢ` Haar-random orthogonal `D x D`; sum over N divided by √N.
     RandomOrtho,
+    /// MUX-PLMs' contextual multiplexer (arXiv 2302.12441, §3): a Transformer layer over each
+    /// instance's own tokens, the Gaussian key `vᵢ ⊙`, a Transformer layer across the N
+    /// instances at each position, then the mean over N. Learned; not position-wise.
+    Contextual,
 }
 
 impl MuxKind {
-    pub const ALL: [MuxKind; 4] = [
+    pub const ALL: [MuxKind; 5] = [
         Self::Identity,
         Self::GaussianHadamard,
         Self::BinaryHadamard,
         Self::RandomOrtho,
+        Self::Contextual,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +52,7 @@ impl MuxKind {
             Self::GaussianHadamard => "gaussian_hadamard",
             Self::BinaryHadamard => "binary_hadamard",
             Self::RandomOrtho => "random_ortho",
+            Self::Contextual => "contextual",
         }
     }
 }
@@ -57,6 +64,13 @@ pub struct Config {
     pub kind: MuxKind,
     /// L2 norm of each Gaussian key; the reference warms up with 20 and fine-tunes from there.
     pub norm: f64,
+    /// Added to every entry of the Gaussian keys (`gaussian_hadamard`, `contextual`): with 1 and
+    /// a norm well under √D each key is `1 + small noise`, which keeps the sign of every feature,
+    /// so a pretrained encoder's input stays in the distribution it was trained on (at N = 1 a
+    /// zero-mean key flips half the features' signs; docs/pretrained.md). 0, the paper's keys,
+    /// is left out of the serialised settings, so older runs keep their hashes.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub offset: f64,
     /// Overlap of neighbouring binary chunks, in [0, 1).
     pub epsilon: f64,
     /// Train the keys (as `key + delta`); fixed keys are never optimizer variables.
@@ -68,6 +82,7 @@ impl Default for Config {
         Self {
             kind: MuxKind::GaussianHadamard, // the paper's default variant
             norm: 20.0,                      // the reference's warm-up norm (method.md §3.1)
+            offset: 0.0,                     // the paper's zero-mean keys
             epsilon: 0.0,                    // the reference's default: disjoint chunks
             learn: false,                    // the reference's default: fixed keys
         }
@@ -88,13 +103,22 @@ impl Config {
             return Err(ConfigError::NoInstances { n_instances: n });
         }
         match self.kind {
-            MuxKind::GaussianHadamard if !(self.norm.is_finite() && self.norm > 0.0) => {
+            MuxKind::GaussianHadamard | MuxKind::Contextual
+                if !(self.norm.is_finite() && self.norm > 0.0) =>
+            {
                 Err(ConfigError::BadNorm { norm: self.norm })
             }
             MuxKind::BinaryHadamard => keys::binary(n, d, self.epsilon).map(|_| ()),
+            _ if !self.offset.is_finite() => Err(ConfigError::BadOffset {
+                offset: self.offset,
+            }),
             _ => Ok(()),
         }
     }
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// The fixed keys of a multiplexer, regenerated from the run seed.
@@ -108,8 +132,10 @@ pub fn fixed_keys(
     let mut rng = rng_for(seed, "mux.keys");
     let keys = match cfg.kind {
         MuxKind::Identity => return Ok(None),
-        MuxKind::GaussianHadamard => {
-            Tensor::from_vec(keys::gaussian(n, d, cfg.norm, &mut rng), (n, d), dev)?
+        MuxKind::GaussianHadamard | MuxKind::Contextual => {
+            let keys = keys::gaussian(n, d, cfg.norm, &mut rng);
+            let keys = keys.into_iter().map(|k| k + cfg.offset as f32).collect();
+            Tensor::from_vec(keys, (n, d), dev)?
         }
         MuxKind::BinaryHadamard => {
             let k = keys::binary(n, d, cfg.epsilon).map_err(candle_core::Error::wrap)?;
@@ -133,7 +159,25 @@ pub struct Multiplexer {
     /// Fixed orthogonal keys pre-arranged as `[W₁ᵀ; …; W_Nᵀ]`, `(N·D, D)`, so inference does not
     /// transpose `N·D²` values on every call.
     stacked: Option<Tensor>,
+    /// The contextual multiplexer's layers: within each instance, then across instances.
+    context: Option<Box<[Layer; 2]>>,
     dev: Device,
+}
+
+/// The contextual multiplexer's layers: post-LN Transformer layers of width `d` with an FFN of
+/// `4 d` and heads of at least 16 features (12 at d = 384, as MiniLM; 4 at 128), dropout 0.1.
+fn context_config(d: usize) -> encoder::Config {
+    let heads = [12, 8, 6, 4, 2]
+        .into_iter()
+        .find(|h| d % h == 0 && d / h >= 16)
+        .unwrap_or(1);
+    encoder::Config {
+        num_hidden_layers: 1,
+        hidden_size: d,
+        num_attention_heads: heads,
+        intermediate_size: 4 * d,
+        ..encoder::Config::base()
+    }
 }
 
 impl Multiplexer {
@@ -148,6 +192,16 @@ impl Multiplexer {
             (Some(w), None, MuxKind::RandomOrtho) => Some(stack_transposed(w)?),
             _ => None,
         };
+        let context = match cfg.kind {
+            MuxKind::Contextual => {
+                let c = context_config(d);
+                Some(Box::new([
+                    Layer::new(&c, vb.pp("within"))?,
+                    Layer::new(&c, vb.pp("across"))?,
+                ]))
+            }
+            _ => None,
+        };
         Ok(Self {
             kind: cfg.kind,
             n,
@@ -155,8 +209,15 @@ impl Multiplexer {
             keys,
             delta,
             stacked,
+            context,
             dev: vb.device().clone(),
         })
+    }
+
+    /// Whether output position j depends on input position j alone (every kind but
+    /// `contextual`), so that muxing `[prefix ; xs]` is `[mux(prefix) ; mux(xs)]`.
+    pub fn is_position_wise(&self) -> bool {
+        self.context.is_none()
     }
 
     pub fn kind(&self) -> MuxKind {
@@ -188,7 +249,7 @@ impl Multiplexer {
     pub fn slot_scales(&self) -> Result<Option<Tensor>> {
         let inv_n = 1.0 / self.n as f64;
         match (self.kind, self.effective_keys()?) {
-            (MuxKind::RandomOrtho, _) => Ok(None),
+            (MuxKind::RandomOrtho | MuxKind::Contextual, _) => Ok(None),
             (_, Some(k)) => Ok(Some((k * inv_n)?)),
             (_, None) => Ok(Some(
                 (Tensor::ones((self.n, self.d), candle_core::DType::F32, &self.dev)? * inv_n)?,
@@ -196,8 +257,14 @@ impl Multiplexer {
         }
     }
 
-    /// `(B, N, L, D) -> (B, L, D)`.
+    /// `(B, N, L, D) -> (B, L, D)` at inference, nothing padded.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_t(xs, None, false)
+    }
+
+    /// `(B, N, L, D)` with padding flags `pad` `(B, N, L)` (1 = padding) -> `(B, L, D)`. Only the
+    /// contextual kind reads `pad` and `train` (its attention masks and dropout).
+    pub fn forward_t(&self, xs: &Tensor, pad: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let (b, n, l, d) = xs.dims4()?;
         if n != self.n || d != self.d {
             candle_core::bail!(
@@ -208,6 +275,9 @@ impl Multiplexer {
             );
         }
         let keys = self.effective_keys()?;
+        if let (Some(layers), Some(k)) = (&self.context, &keys) {
+            return contextual(layers, k, xs, pad, train);
+        }
         match (self.kind, keys) {
             (MuxKind::Identity, _) | (_, None) => slot_mean(xs),
             (MuxKind::GaussianHadamard | MuxKind::BinaryHadamard, Some(k)) => {
@@ -226,8 +296,53 @@ impl Multiplexer {
                 let ys = (xs.matmul(&stacked)? / (n as f64).sqrt())?; // (B·L, D)
                 ys.reshape((b, l, d))
             }
+            (MuxKind::Contextual, Some(_)) => candle_core::bail!("contextual mux without layers"),
         }
     }
+}
+
+/// The contextual mux: `(B, N, L, D)`, keys `(N, D)`, pad `(B, N, L)` -> `(B, L, D)`. Padding
+/// positions are masked as keys in both layers and zeroed after each, so they add nothing to
+/// the mix, as in the other kinds.
+fn contextual(
+    layers: &[Layer; 2],
+    keys: &Tensor,
+    xs: &Tensor,
+    pad: Option<&Tensor>,
+    train: bool,
+) -> Result<Tensor> {
+    let (b, n, l, d) = xs.dims4()?;
+    // (B, N, L) -> (B, N, L, 1), 1 where a position is real.
+    let keep = pad
+        .map(|p| (1.0 - p.to_dtype(xs.dtype())?)?.unsqueeze(3))
+        .transpose()?;
+    let zero_padding = |x: Tensor| match &keep {
+        Some(k) => x.broadcast_mul(k),
+        None => Ok(x),
+    };
+    // Within each instance: (B, N, L, D) -> (B·N, L, D), keys masked by the instance's padding.
+    let within = pad
+        .map(|p| encoder::padding_bias(&p.reshape((b * n, l))?, xs.dtype()))
+        .transpose()?; // (B·N, 1, 1, L)
+    let h = layers[0].forward_t(&xs.reshape((b * n, l, d))?, within.as_ref(), train, None)?;
+    let h = zero_padding(h.reshape((b, n, l, d))?)?;
+    // The instance's key: (N, D) -> (1, N, 1, D).
+    let h = h.broadcast_mul(&keys.reshape((1, n, 1, d))?)?;
+    // Across instances at each position: (B, N, L, D) -> (B, L, N, D) -> (B·L, N, D), an instance
+    // that is padding at the position masked.
+    let across = pad
+        .map(|p| {
+            encoder::padding_bias(
+                &p.transpose(1, 2)?.contiguous()?.reshape((b * l, n))?,
+                xs.dtype(),
+            )
+        })
+        .transpose()?; // (B·L, 1, 1, N)
+    let h = h.transpose(1, 2)?.contiguous()?.reshape((b * l, n, d))?;
+    let h = layers[1].forward_t(&h, across.as_ref(), train, None)?;
+    // (B·L, N, D) -> (B, L, N, D) -> (B, N, L, D)
+    let h = h.reshape((b, l, n, d))?.transpose(1, 2)?.contiguous()?;
+    slot_mean(&zero_padding(h)?)
 }
 
 /// Mean over the slot axis, `(B, N, L, D) -> (B, L, D)`, as one batched matmul with a row of 1/N:

@@ -162,6 +162,9 @@ fn muxing_the_prefix_once_equals_muxing_every_row() -> Result<()> {
         for demux in DemuxKind::ALL {
             let map = SeededVarMap::new(3);
             let task = toy_task(&map, &sizes, &config(n, mux, demux), (1.0, 0.0))?;
+            if !task.net.multiplexer().is_position_wise() {
+                continue; // contextual_mux_masks_padding_and_keeps_the_prefix_apart
+            }
             let slots: Vec<_> = (0..6).map(Some).collect();
             let batch = task.batch(&data, &slots, &mut datamux_core::init::rng_for(0, "r"))?;
             let emb = datamux_core::Frontend::embed(&task.net.frontend, &batch.input, false)?;
@@ -199,5 +202,67 @@ fn slot_mean_is_the_mean_over_slots() -> Result<()> {
             assert!(diff < 1e-6, "N = {n}: {diff}");
         }
     }
+    Ok(())
+}
+
+/// The contextual mux: padding appended to an instance changes nothing at the real positions
+/// (both layers mask it), each instance's content reaches every output position of the mix
+/// through the across-instance layer, and gradients reach both layers.
+#[test]
+fn contextual_mux_masks_padding_and_keeps_the_prefix_apart() -> Result<()> {
+    let dev = Device::Cpu;
+    let (b, n, l, d) = (2, 3, 5, 20);
+    let map = SeededVarMap::new(4);
+    let m = Multiplexer::new(
+        &mux::Config::with_kind(MuxKind::Contextual),
+        n,
+        d,
+        0,
+        map.var_builder(DType::F32, &dev).pp("mux"),
+    )?;
+    assert!(!m.is_position_wise() && m.slot_scales()?.is_none());
+    let xs = Tensor::randn(0f32, 1.0, (b, n, l, d), &dev)?;
+    let none = Tensor::zeros((b, n, l), DType::U8, &dev)?;
+    let base = m.forward_t(&xs, Some(&none), false)?;
+    assert_eq!(base.dims(), [b, l, d]);
+    // Two padding positions (zeros, as frontends give them) appended to every instance.
+    let longer = Tensor::cat(&[&xs, &Tensor::zeros((b, n, 2, d), DType::F32, &dev)?], 2)?;
+    let pad = Tensor::cat(&[&none, &Tensor::ones((b, n, 2), DType::U8, &dev)?], 2)?;
+    let padded = m.forward_t(&longer, Some(&pad), false)?.narrow(1, 0, l)?;
+    assert!(max_abs_diff(&padded, &base)? < 1e-5);
+    // Changing instance 2's last token changes the mix at position 0 (within, then across).
+    let bumped = xs.slice_assign(
+        &[0..b, 2..3, l - 1..l, 0..d],
+        &Tensor::ones((b, 1, 1, d), DType::F32, &dev)?,
+    )?;
+    let moved = m.forward_t(&bumped, Some(&none), false)?;
+    assert!(max_abs_diff(&moved.narrow(1, 0, 1)?, &base.narrow(1, 0, 1)?)? > 1e-4);
+    // Both layers train.
+    let grads = m
+        .forward_t(&xs, Some(&none), true)?
+        .sqr()?
+        .sum_all()?
+        .backward()?;
+    for (name, var) in map.sorted_vars()? {
+        let g = grads.get(var.as_tensor());
+        let size = match g {
+            Some(g) => g.abs()?.max_all()?.to_scalar::<f32>()?,
+            None => 0.0,
+        };
+        // The attention key biases shift every score of a query equally: no gradient.
+        if !name.contains("attn.k.bias") {
+            assert!(size > 0.0, "no gradient for {name}");
+        }
+    }
+    assert!(
+        map.sorted_vars()?
+            .iter()
+            .any(|(n, _)| n.starts_with("mux.within."))
+    );
+    assert!(
+        map.sorted_vars()?
+            .iter()
+            .any(|(n, _)| n.starts_with("mux.across."))
+    );
     Ok(())
 }

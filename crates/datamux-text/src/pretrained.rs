@@ -189,7 +189,8 @@ impl Pretrained {
     }
 
     /// Copy the checkpoint into the text model's variables under `frontend.*` and `backbone.*`
-    /// of `map` (the position table's first rows where it is shorter); every other variable (the
+    /// of `map` (the position table's first rows where it is shorter), and start the retrieval
+    /// decoder `retrieval.decoder.weight` from the word embeddings; every other variable (the
     /// mux, the demux and its prefix, the heads, `mux_norm`) keeps its fresh initialisation.
     /// Returns how many variables were loaded.
     pub fn load_into(&self, map: &SeededVarMap) -> Result<usize, PretrainedError> {
@@ -231,6 +232,20 @@ impl Pretrained {
             )
             .map_err(|e| mismatch(e.to_string()))?;
             loaded += 1;
+        }
+        // BERT's masked-LM decoder is tied to the word embeddings; the retrieval head's decoder
+        // (its own `V x D` table, untied) starts as a copy of them, so that the warm-up does not
+        // begin by learning a vocabulary projection from noise.
+        let words = self.tensors.get("embeddings.word_embeddings.weight");
+        let decoder = map
+            .sorted_vars()
+            .map_err(|e| mismatch(e.to_string()))?
+            .into_iter()
+            .find(|(n, _)| n == "retrieval.decoder.weight");
+        if let (Some(words), Some((_, var))) = (words, decoder) {
+            if var.dims() == words.dims() {
+                var.set(words).map_err(|e| mismatch(e.to_string()))?;
+            }
         }
         Ok(loaded)
     }
