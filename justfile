@@ -1,5 +1,6 @@
 # datamux: every recipe is one cargo command, so CI can call cargo directly where `just` is missing.
-# The datasets come from the Hugging Face hub, or from a local mirror named by DATAMUX_DATA_DIR.
+# The datasets come from the Hugging Face hub, or from a local mirror named by DATAMUX_DATA_DIR;
+# pretrained models likewise, or from a local models folder named by DATAMUX_MODELS_DIR.
 
 set positional-arguments
 
