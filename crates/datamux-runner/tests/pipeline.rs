@@ -4,77 +4,14 @@
 //! errors of the command line. Offline: HF_HUB_OFFLINE=1, so hub datasets are `unavailable`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use datamux_runner::results::{self, AccuracyRow, Col, Row, SpeedRow, Status};
 
-fn root() -> PathBuf {
-    // Read at run time: a test binary built from another checkout that shares the target folder
-    // (CI) would otherwise look in that checkout.
-    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"))
-        .join("../..")
-}
-
-fn datamux(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_datamux"))
-        .args(args)
-        .current_dir(dir)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HOME", dir.join("hf"))
-        .env_remove("DATAMUX_DATA_DIR")
-        .env_remove("DATAMUX_MODELS_DIR")
-        .output()
-        .expect("run datamux")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-/// The committed experiment files, by name (`mnist`, `text-sentence`, ...).
-fn experiment_names() -> Vec<String> {
-    datamux_runner::sweep::experiment_files(&[root().join("experiments")])
-        .unwrap()
-        .iter()
-        .filter_map(|f| f.file_stem().map(|s| s.to_string_lossy().to_string()))
-        .collect()
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
-/// A workspace with copies of the committed experiments, and the committed hub cache (the tiny
-/// random BERT the pretrained experiment's smoke profile names) as its hf-hub cache.
-fn workspace() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    copy_tree(&root().join("fixtures/hub"), &dir.path().join("hf/hub"));
-    std::fs::create_dir_all(dir.path().join("experiments")).unwrap();
-    for name in experiment_names() {
-        let file = format!("{name}.toml");
-        std::fs::copy(
-            root().join("experiments").join(&file),
-            dir.path().join("experiments").join(&file),
-        )
-        .unwrap();
-    }
-    dir
-}
-
-fn mirror() -> String {
-    root().join("fixtures/mirror").display().to_string()
-}
+use common::{datamux, experiment_names, mirror, root, stderr, workspace};
 
 fn key_counts(rows: &[AccuracyRow]) -> BTreeMap<(String, String, String), usize> {
     let mut m = BTreeMap::new();
@@ -535,87 +472,5 @@ local = { folder = "my-digits", files = { train = ["train.parquet"], test = ["te
         ok.iter().all(|r| r.id.data_source.ends_with("my-digits")),
         "{:?}",
         ok[0].id.data_source
-    );
-}
-
-/// A pretrained model that cannot be had offline is an `unavailable` row with a one-line reason;
-/// a folder without `config.json` and a non-BERT config are `error` rows naming the file; a models
-/// folder that does not exist stops the command up front. Never a panic.
-#[test]
-fn bad_pretrained_values_are_rows_or_one_line_errors() {
-    let ws = workspace();
-    let dir = ws.path();
-    let models = dir.join("models");
-    std::fs::create_dir_all(models.join("acme/no-config")).unwrap();
-    std::fs::create_dir_all(models.join("acme/gpt")).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::write(models.join("acme/no-config").join(f), "{}").unwrap();
-        std::fs::write(models.join("acme/gpt").join(f), "{}").unwrap();
-    }
-    std::fs::remove_file(models.join("acme/no-config/config.json")).unwrap();
-    std::fs::write(
-        models.join("acme/gpt/config.json"),
-        r#"{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}"#,
-    )
-    .unwrap();
-    let cases = [
-        ("acme/not-anywhere", Status::Unavailable, "not found"),
-        ("acme/no-config", Status::Error, "config.json"),
-        ("acme/gpt", Status::Error, "`gpt2`"),
-    ];
-    for (i, (repo, status, part)) in cases.iter().enumerate() {
-        let name = format!("bad{i}");
-        let file = dir.join(format!("experiments/{name}.toml"));
-        std::fs::write(
-            &file,
-            format!(
-                "name = \"{name}\"\nmodality = \"text\"\n[data]\ndataset = \"rt-snippets\"\n\
-                 [model]\nbackbone = \"transformer\"\n[model.text]\npretrained = \"{repo}\"\n\
-                 [sweep]\nn_instances = [1]\n[profile.smoke]\ndata = {{ train_limit = 50, \
-                 validation_holdout = 20, eval_limit = 20 }}\ntrain = {{ steps = 2, batch_size = 4 }}\n\
-                 warmup = {{ steps = 2, batch_size = 4 }}\n"
-            ),
-        )
-        .unwrap();
-        let o = datamux(
-            dir,
-            &[
-                "run",
-                &format!("experiments/{name}.toml"),
-                "--profile",
-                "smoke",
-                "--out",
-                "results",
-                "--no-speed",
-                "--data-dir",
-                &mirror(),
-                "--models-dir",
-                &models.display().to_string(),
-            ],
-        );
-        let e = stderr(&o);
-        assert!(!e.contains("panicked"), "{repo}: {e}");
-        let acc: Vec<AccuracyRow> =
-            results::read_table(&dir.join(format!("results/{name}/accuracy.parquet"))).unwrap();
-        assert!(!acc.is_empty(), "{repo}: no rows; {e}");
-        for r in &acc {
-            assert_eq!(r.id.status, *status, "{repo}: {}", r.id.error);
-            assert!(
-                r.id.error.contains(repo)
-                    && r.id.error.contains(part)
-                    && !r.id.error.contains('\n'),
-                "{repo}: {}",
-                r.id.error
-            );
-        }
-    }
-    let o = datamux(
-        dir,
-        &["check", "experiments", "--models-dir", "/no/such/models"],
-    );
-    let e = stderr(&o);
-    assert!(
-        !o.status.success() && e.trim().lines().count() == 1 && e.contains("/no/such/models"),
-        "{e}"
     );
 }

@@ -1,0 +1,72 @@
+//! What the runner's end-to-end tests share: the checkout, the binary run in a scratch
+//! workspace (offline, its own hf-hub cache holding the committed tiny BERT), the fixtures.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn root() -> PathBuf {
+    // Read at run time: a test binary built from another checkout that shares the target folder
+    // (CI) would otherwise look in that checkout.
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"))
+        .join("../..")
+}
+
+pub fn datamux(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_datamux"))
+        .args(args)
+        .current_dir(dir)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", dir.join("hf"))
+        .env_remove("DATAMUX_DATA_DIR")
+        .env_remove("DATAMUX_MODELS_DIR")
+        .output()
+        .expect("run datamux")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// The committed experiment files, by name (`mnist`, `text-sentence`, ...).
+pub fn experiment_names() -> Vec<String> {
+    datamux_runner::sweep::experiment_files(&[root().join("experiments")])
+        .unwrap()
+        .iter()
+        .filter_map(|f| f.file_stem().map(|s| s.to_string_lossy().to_string()))
+        .collect()
+}
+
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A workspace with copies of the committed experiments, and the committed hub cache (the tiny
+/// random BERT the pretrained experiment's smoke profile names) as its hf-hub cache.
+pub fn workspace() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(&root().join("fixtures/hub"), &dir.path().join("hf/hub"));
+    std::fs::create_dir_all(dir.path().join("experiments")).unwrap();
+    for name in experiment_names() {
+        let file = format!("{name}.toml");
+        std::fs::copy(
+            root().join("experiments").join(&file),
+            dir.path().join("experiments").join(&file),
+        )
+        .unwrap();
+    }
+    dir
+}
+
+pub fn mirror() -> String {
+    root().join("fixtures/mirror").display().to_string()
+}
