@@ -55,11 +55,10 @@ impl ModelResolver {
                 });
             }
         }
-        let env_offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
         Ok(Self {
             models_dir: dir,
             hub_cache: Cache::from_env().path().clone(),
-            offline: offline || env_offline,
+            offline: offline || offline_from_env(),
         })
     }
 
@@ -106,16 +105,14 @@ impl ModelResolver {
         ));
         let revision = revision.unwrap_or("main").to_string();
         let hub_repo = Repo::with_revision(repo.to_string(), RepoType::Model, revision.clone());
-        let cache = Cache::new(self.hub_cache.clone()).repo(hub_repo.clone());
-        let cached: Vec<Option<PathBuf>> = files.iter().map(|f| cache.get(f)).collect();
         let source = ModelSource::Hub {
             repo: repo.to_string(),
             revision: revision.clone(),
         };
-        if cached.iter().all(Option::is_some) {
+        if let Some(files) = hub_cached(&self.hub_cache, &hub_repo, files) {
             return Ok(ResolvedModel {
                 repo: repo.to_string(),
-                files: cached.into_iter().flatten().collect(),
+                files,
                 source,
             });
         }
@@ -134,27 +131,57 @@ impl ModelResolver {
                 hint: format!("To provide it: {}.", hints.join("; or ")),
             });
         }
-        let fail = |file: &str, message: String| DataError::ModelDownload {
-            repo: repo.to_string(),
-            revision: revision.clone(),
-            file: file.to_string(),
-            message,
-        };
-        let api = hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(self.hub_cache.clone()))
-            .with_progress(true)
-            .build()
-            .map_err(|e| fail("(client)", e.to_string()))?;
-        let api_repo = api.repo(hub_repo);
-        let paths = files
-            .iter()
-            .map(|f| api_repo.get(f).map_err(|e| fail(f, e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
+        let paths = hub_download(&self.hub_cache, hub_repo, files).map_err(|(file, message)| {
+            DataError::ModelDownload {
+                repo: repo.to_string(),
+                revision: revision.clone(),
+                file,
+                message,
+            }
+        })?;
         Ok(ResolvedModel {
             repo: repo.to_string(),
             files: paths,
             source,
         })
     }
+}
+
+/// Whether `HF_HUB_OFFLINE` forbids downloads (hf-hub itself does not read it).
+pub(crate) fn offline_from_env() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// `files` of `repo` in the hf-hub cache at `cache`, when every one of them is there.
+pub(crate) fn hub_cached<S: AsRef<str>>(
+    cache: &Path,
+    repo: &Repo,
+    files: &[S],
+) -> Option<Vec<PathBuf>> {
+    let cache = Cache::new(cache.to_path_buf()).repo(repo.clone());
+    files.iter().map(|f| cache.get(f.as_ref())).collect()
+}
+
+/// Download `files` of `repo` into the hf-hub cache at `cache`; a failure names the file
+/// (`(client)` when the client could not be built) and says why.
+pub(crate) fn hub_download<S: AsRef<str>>(
+    cache: &Path,
+    repo: Repo,
+    files: &[S],
+) -> Result<Vec<PathBuf>, (String, String)> {
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(cache.to_path_buf()))
+        .with_progress(true)
+        .build()
+        .map_err(|e| ("(client)".to_string(), e.to_string()))?;
+    let api_repo = api.repo(repo);
+    files
+        .iter()
+        .map(|f| {
+            api_repo
+                .get(f.as_ref())
+                .map_err(|e| (f.as_ref().to_string(), e.to_string()))
+        })
+        .collect()
 }
 
 impl ResolvedModel {

@@ -8,6 +8,7 @@ use hf_hub::{Cache, Repo, RepoType};
 use crate::catalogue::DatasetEntry;
 use crate::error::DataError;
 use crate::examples::Source;
+use crate::models::{hub_cached, hub_download, offline_from_env};
 
 /// The files of one split and where they were found.
 #[derive(Debug, Clone)]
@@ -60,12 +61,11 @@ impl Resolver {
                 "DATAMUX_DATA_DIR",
             ),
         };
-        let env_offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
         Self::new(
             dir,
             origin,
             Cache::from_env().path().clone(),
-            offline || env_offline,
+            offline || offline_from_env(),
         )
     }
 
@@ -111,11 +111,9 @@ impl Resolver {
             if let Some(files) = hub.files.get(split) {
                 let repo =
                     Repo::with_revision(hub.repo.clone(), RepoType::Dataset, hub.revision.clone());
-                let cache = Cache::new(self.hub_cache.clone()).repo(repo.clone());
-                let cached: Vec<Option<PathBuf>> = files.iter().map(|f| cache.get(f)).collect();
-                if cached.iter().all(Option::is_some) {
+                if let Some(cached) = hub_cached(&self.hub_cache, &repo, files) {
                     return Ok(Resolved {
-                        files: cached.into_iter().flatten().collect(),
+                        files: cached,
                         source: Source::Hub {
                             repo: hub.repo.clone(),
                             revision: hub.revision.clone(),
@@ -154,23 +152,16 @@ impl Resolver {
         repo: Repo,
         files: &[String],
     ) -> Result<Resolved, DataError> {
-        let fail = |file: &str, message: String| DataError::Download {
-            dataset: entry.name.clone(),
-            split: split.to_string(),
-            repo: hub.repo.clone(),
-            revision: hub.revision.clone(),
-            file: file.to_string(),
-            message,
-        };
-        let api = hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(self.hub_cache.clone()))
-            .with_progress(true)
-            .build()
-            .map_err(|e| fail("(client)", e.to_string()))?;
-        let api_repo = api.repo(repo);
-        let paths = files
-            .iter()
-            .map(|f| api_repo.get(f).map_err(|e| fail(f, e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
+        let paths = hub_download(&self.hub_cache, repo, files).map_err(|(file, message)| {
+            DataError::Download {
+                dataset: entry.name.clone(),
+                split: split.to_string(),
+                repo: hub.repo.clone(),
+                revision: hub.revision.clone(),
+                file,
+                message,
+            }
+        })?;
         Ok(Resolved {
             files: paths,
             source: Source::Hub {

@@ -14,7 +14,7 @@ use datamux_pipeline::{
 use serde_json::value::RawValue;
 
 use crate::config::{Config, SentenceReadout, Size};
-use crate::pretrained::{Pretrained, PretrainedError};
+use crate::pretrained::Pretrained;
 use crate::task::{HeadKind, SentenceData, TextData, TextTask, TokenData};
 use crate::tokenizer::TextTokenizer;
 use crate::warmup;
@@ -75,13 +75,11 @@ pub fn pretrained(run: &RunConfig, env: &Env) -> Result<Option<Pretrained>> {
         return Ok(None);
     };
     let resolver = ModelResolver::from_env(env.models_dir.clone(), env.offline)?;
-    match Pretrained::resolve(repo, cfg.revision.as_deref(), &resolver) {
-        Ok(p) => Ok(Some(p)),
-        // The data error itself, so that the runner sees a model that cannot be had (an
-        // `unavailable` row) as it sees a dataset that cannot be had.
-        Err(PretrainedError::Resolve(e)) => Err(e.into()),
-        Err(e) => Err(e.into()),
-    }
+    Ok(Some(Pretrained::resolve(
+        repo,
+        cfg.revision.as_deref(),
+        &resolver,
+    )?))
 }
 
 /// The tokenizer of a run: the pretrained checkpoint's `tokenizer.json`, or loaded from

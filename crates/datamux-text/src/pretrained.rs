@@ -27,7 +27,9 @@ pub const FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.jso
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PretrainedError {
-    #[error(transparent)]
+    /// The data error stays in the error's source chain (where `transparent` would skip it), so
+    /// the runner sees a model that cannot be had as it sees a dataset that cannot be had.
+    #[error("{0}")]
     Resolve(#[from] DataError),
     #[error("model `{repo}`: cannot read {}: {message}", path.display())]
     Read {
@@ -198,9 +200,20 @@ impl Pretrained {
             repo: self.repo.clone(),
             what,
         };
+        // BERT's masked-LM decoder is tied to the word embeddings; the retrieval head's decoder
+        // (its own `V x D` table, untied) starts as a copy of them, so that the warm-up does not
+        // begin by learning a vocabulary projection from noise. It is not counted as loaded.
+        let decoder = "retrieval.decoder.weight";
         let mut loaded = 0;
         for (ours, var) in map.sorted_vars().map_err(|e| mismatch(e.to_string()))? {
             let Some(theirs) = bert_name(&ours) else {
+                if ours == decoder {
+                    if let Some(words) = self.tensors.get("embeddings.word_embeddings.weight") {
+                        if var.dims() == words.dims() {
+                            var.set(words).map_err(|e| mismatch(e.to_string()))?;
+                        }
+                    }
+                }
                 continue;
             };
             let t = self
@@ -232,20 +245,6 @@ impl Pretrained {
             )
             .map_err(|e| mismatch(e.to_string()))?;
             loaded += 1;
-        }
-        // BERT's masked-LM decoder is tied to the word embeddings; the retrieval head's decoder
-        // (its own `V x D` table, untied) starts as a copy of them, so that the warm-up does not
-        // begin by learning a vocabulary projection from noise.
-        let words = self.tensors.get("embeddings.word_embeddings.weight");
-        let decoder = map
-            .sorted_vars()
-            .map_err(|e| mismatch(e.to_string()))?
-            .into_iter()
-            .find(|(n, _)| n == "retrieval.decoder.weight");
-        if let (Some(words), Some((_, var))) = (words, decoder) {
-            if var.dims() == words.dims() {
-                var.set(words).map_err(|e| mismatch(e.to_string()))?;
-            }
         }
         Ok(loaded)
     }
