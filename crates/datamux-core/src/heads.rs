@@ -38,6 +38,33 @@ impl SequenceHead {
     }
 }
 
+/// An instance embedding: `e = E·z + e₀` on one position per instance, the embedding tasks'
+/// head (a cosine loss to a target embedding).
+#[derive(Clone, Debug)]
+pub struct EmbeddingHead {
+    out: Linear,
+}
+
+impl EmbeddingHead {
+    pub fn new(d: usize, out: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        Ok(Self {
+            out: layers::linear(d, out, vb.pp("embedding"))?,
+        })
+    }
+
+    /// `(B, N, 1, D) -> (B·N, D_out)`.
+    pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let (b, n, l, d) = z.dims4()?;
+        if l != 1 {
+            candle_core::bail!(
+                "embedding head expects one position per instance, got {:?}",
+                z.shape()
+            );
+        }
+        z.reshape((b * n, d))?.apply(&self.out) // (B, N, 1, D) -> (B·N, D) -> (B·N, D_out)
+    }
+}
+
 /// Token classification: `logits = O·z + o` at every position.
 #[derive(Clone, Debug)]
 pub struct TokenHead {

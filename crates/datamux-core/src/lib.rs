@@ -43,4 +43,4 @@ pub use init::SeededVarMap;
 pub use model::{Backbone, Embedded, Encoded, Frontend, MuxNet};
 pub use mux::{Multiplexer, MuxKind};
 pub use retrieval::{RetrievalHead, RetrievalTargets};
-pub use task::{Losses, Score, Task};
+pub use task::{EmbeddingPair, Losses, Score, Task};

@@ -24,6 +24,17 @@ pub struct Score {
     pub retrieval_total: u64,
     /// Entity-level true positives, false positives and false negatives (token tasks).
     pub spans: Option<[u64; 3]>,
+    /// Embedding tasks: every real instance's predicted and target embedding, kept whole
+    /// because the nearest-neighbour agreement compares each instance with all the others.
+    pub embeddings: Vec<EmbeddingPair>,
+}
+
+/// One instance of an embedding task: its slot, the demultiplexed embedding and the target.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EmbeddingPair {
+    pub slot: usize,
+    pub predicted: Vec<f32>,
+    pub target: Vec<f32>,
 }
 
 impl Score {
@@ -51,14 +62,49 @@ impl Score {
             let s = self.spans.get_or_insert([0; 3]);
             (0..3).for_each(|i| s[i] += o[i]);
         }
+        self.embeddings.extend(other.embeddings.iter().cloned());
     }
 
     /// `(metric, value)` pairs: `accuracy` with its per-slot `accuracy_slot_min` and
     /// `accuracy_slot_max` (slots interfere unequally), `retrieval_accuracy`, and `f1` (entity
-    /// level, micro, as seqeval computes it) for token tasks. Metrics with nothing counted are
-    /// left out rather than reported as 0.
+    /// level, micro, as seqeval computes it) for token tasks, and for embedding tasks `cosine`
+    /// (mean cosine of each instance's embedding to its target) with `cosine_slot_min` /
+    /// `cosine_slot_max` and `nn_agreement` ([`nn_agreement`]). Metrics with nothing counted
+    /// are left out rather than reported as 0.
     pub fn metrics(&self) -> Vec<(&'static str, f64)> {
         let mut out = Vec::new();
+        if !self.embeddings.is_empty() {
+            let n = self
+                .embeddings
+                .iter()
+                .map(|e| e.slot + 1)
+                .max()
+                .unwrap_or(1);
+            let mut slots = vec![(0.0f64, 0u64); n];
+            for e in &self.embeddings {
+                slots[e.slot].0 += f64::from(cosine(&e.predicted, &e.target));
+                slots[e.slot].1 += 1;
+            }
+            let (sum, count) = slots
+                .iter()
+                .fold((0.0, 0), |(s, c), (ss, cc)| (s + ss, c + cc));
+            let per_slot = slots
+                .iter()
+                .filter(|(_, c)| *c > 0)
+                .map(|(s, c)| s / *c as f64);
+            out.push(("cosine", sum / count as f64));
+            out.push((
+                "cosine_slot_min",
+                per_slot.clone().fold(f64::INFINITY, f64::min),
+            ));
+            out.push((
+                "cosine_slot_max",
+                per_slot.fold(f64::NEG_INFINITY, f64::max),
+            ));
+            if self.embeddings.len() > 1 {
+                out.push(("nn_agreement", nn_agreement(&self.embeddings)));
+            }
+        }
         let total: u64 = self.slot_total.iter().sum();
         if total > 0 {
             let correct: u64 = self.slot_correct.iter().sum();
@@ -114,6 +160,53 @@ impl Score {
             .find(|(k, _)| *k == name)
             .map(|(_, v)| v)
     }
+}
+
+/// Cosine similarity; 0 where either vector is all zeros.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let d = norm(a) * norm(b);
+    if d > 0.0 { dot / d } else { 0.0 }
+}
+
+/// The share of instances whose nearest neighbour (by cosine, among all the other instances)
+/// is the same with the predicted embeddings as with the targets. Ties go to the lower index.
+pub fn nn_agreement(pairs: &[EmbeddingPair]) -> f64 {
+    fn unit(v: &[f32]) -> Vec<f32> {
+        let n = v
+            .iter()
+            .map(|x| x * x)
+            .sum::<f32>()
+            .sqrt()
+            .max(f32::MIN_POSITIVE);
+        v.iter().map(|x| x / n).collect()
+    }
+    fn nearest(units: &[Vec<f32>]) -> Vec<usize> {
+        (0..units.len())
+            .map(|i| {
+                let mut best = (f32::NEG_INFINITY, usize::MAX);
+                for (j, u) in units.iter().enumerate() {
+                    if j == i {
+                        continue;
+                    }
+                    let c: f32 = units[i].iter().zip(u).map(|(x, y)| x * y).sum();
+                    if c > best.0 {
+                        best = (c, j);
+                    }
+                }
+                best.1
+            })
+            .collect()
+    }
+    let pred: Vec<Vec<f32>> = pairs.iter().map(|p| unit(&p.predicted)).collect();
+    let target: Vec<Vec<f32>> = pairs.iter().map(|p| unit(&p.target)).collect();
+    let same = nearest(&pred)
+        .iter()
+        .zip(nearest(&target))
+        .filter(|(a, b)| **a == *b)
+        .count();
+    same as f64 / pairs.len().max(1) as f64
 }
 
 /// A task a modality crate implements and the runner drives: batching of plain Rust data, the
@@ -177,4 +270,105 @@ pub fn slot_counts(logits: &Tensor, labels: &[u32], real: &[bool], n: usize) -> 
         score.examples += 1;
     }
     Ok(score)
+}
+
+/// `1 − cos(predicted, target)` averaged over the real rows of `(B·N, D)` embeddings, in
+/// plain tensor ops so that every input receives a gradient. The norms are floored at 1e-6 so
+/// an all-zero row (a fresh head's output can be one) gives a finite gradient.
+pub fn real_cosine_loss(predicted: &Tensor, target: &Tensor, real: &[bool]) -> Result<Tensor> {
+    let keep: Vec<u32> = (0..real.len() as u32)
+        .filter(|i| real[*i as usize])
+        .collect();
+    let idx = Tensor::from_slice(&keep, keep.len(), predicted.device())?;
+    let (p, t) = (
+        predicted.index_select(&idx, 0)?,
+        target.index_select(&idx, 0)?,
+    ); // (R, D)
+    let norm =
+        |x: &Tensor| -> Result<Tensor> { x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-6, f64::MAX) };
+    let dot = (&p * &t)?.sum_keepdim(1)?; // (R, 1)
+    let cos = (dot / (norm(&p)? * norm(&t)?)?)?;
+    cos.mean_all()?.affine(-1.0, 1.0)
+}
+
+/// The [`EmbeddingPair`]s of the real rows of `(B·N, D)` predictions and targets; row `r` is
+/// slot `r % N`.
+pub fn embedding_pairs(
+    predicted: &Tensor,
+    target: &Tensor,
+    real: &[bool],
+    n: usize,
+) -> Result<Score> {
+    let (p, t) = (predicted.to_vec2::<f32>()?, target.to_vec2::<f32>()?);
+    let mut score = Score::default();
+    for (row, (p, t)) in p.into_iter().zip(t).enumerate() {
+        if !real[row] {
+            continue;
+        }
+        score.examples += 1;
+        score.embeddings.push(EmbeddingPair {
+            slot: row % n,
+            predicted: p,
+            target: t,
+        });
+    }
+    Ok(score)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    fn pair(slot: usize, predicted: &[f32], target: &[f32]) -> EmbeddingPair {
+        EmbeddingPair {
+            slot,
+            predicted: predicted.to_vec(),
+            target: target.to_vec(),
+        }
+    }
+
+    #[test]
+    fn embedding_metrics_average_cosines_per_slot_and_compare_neighbours() {
+        // Targets: 0 and 1 are neighbours, 2 is nearest to 1. Predictions keep 0 <-> 1 but make
+        // 2 nearest to 0.
+        let pairs = vec![
+            pair(0, &[1.0, 0.0, 0.0], &[1.0, 0.0, 0.0]),
+            pair(1, &[0.9, 0.1, 0.0], &[0.8, 0.6, 0.0]),
+            pair(0, &[0.8, 0.0, 0.6], &[0.0, 1.0, 0.0]),
+        ];
+        let score = Score {
+            embeddings: pairs.clone(),
+            ..Score::default()
+        };
+        let m: std::collections::HashMap<_, _> = score.metrics().into_iter().collect();
+        let cos: Vec<f64> = pairs
+            .iter()
+            .map(|p| f64::from(cosine(&p.predicted, &p.target)))
+            .collect();
+        assert!((m["cosine"] - cos.iter().sum::<f64>() / 3.0).abs() < 1e-9);
+        assert!((m["cosine_slot_min"] - (cos[0] + cos[2]) / 2.0).abs() < 1e-9);
+        assert!((m["cosine_slot_max"] - cos[1]).abs() < 1e-9);
+        assert!((m["nn_agreement"] - 2.0 / 3.0).abs() < 1e-9);
+        assert!(!m.contains_key("accuracy"));
+    }
+
+    #[test]
+    fn cosine_loss_skips_dummies_and_reaches_every_input() -> Result<()> {
+        let dev = Device::Cpu;
+        let p = Var::from_vec(vec![1f32, 0.0, 0.5, 0.5, 3.0, -1.0], (3, 2), &dev)?;
+        let t = Tensor::from_vec(vec![1f32, 0.0, 0.0, 1.0, 9.0, 9.0], (3, 2), &dev)?;
+        let loss = real_cosine_loss(p.as_tensor(), &t, &[true, true, false])?;
+        let want = 1.0 - (1.0 + 0.5f32.sqrt()) / 2.0;
+        assert!((loss.to_scalar::<f32>()? - want).abs() < 1e-6);
+        let g = loss
+            .backward()?
+            .get(p.as_tensor())
+            .expect("grad")
+            .to_vec2::<f32>()?;
+        assert!(g[1].iter().any(|x| x.abs() > 1e-4), "{g:?}");
+        assert_eq!(g[2], [0.0, 0.0], "a dummy row moved the loss");
+        Ok(())
+    }
 }

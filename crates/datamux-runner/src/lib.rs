@@ -5,6 +5,7 @@
 //! integration tests drive directly.
 
 pub mod bench;
+pub mod comparison;
 pub mod config;
 pub mod job;
 pub mod provenance;

@@ -14,7 +14,7 @@ use crate::registry;
 use crate::results::{self, AccuracyRow, SpeedRow, Status};
 
 /// A series of the plots: one model family on one dataset across N.
-type Series = (String, String, String, String, String); // (dataset, backbone, size, mux, demux)
+pub(crate) type Series = (String, String, String, String, String); // (dataset, backbone, size, mux, demux)
 
 fn series_of(id: &crate::results::Identity) -> Series {
     (
@@ -36,13 +36,17 @@ fn label(s: &Series, several: bool) -> String {
     }
 }
 
-/// The metric a dataset is reported by: entity F1 where its runs have it, else accuracy.
-fn main_metric<'a>(rows: &[AccuracyRow], dataset: &str) -> &'a str {
-    if rows
-        .iter()
-        .any(|r| r.id.dataset == dataset && r.metric == "f1")
-    {
+/// The metric a dataset is reported by: entity F1 where its runs have it, else the mean cosine
+/// of an embedding task, else accuracy.
+pub(crate) fn main_metric<'a>(rows: &[AccuracyRow], dataset: &str) -> &'a str {
+    let has = |m: &str| {
+        rows.iter()
+            .any(|r| r.id.dataset == dataset && r.metric == m)
+    };
+    if has("f1") {
         "f1"
+    } else if has("cosine") {
+        "cosine"
     } else {
         "accuracy"
     }
@@ -59,7 +63,7 @@ fn reported_split(rows: &[AccuracyRow]) -> &'static str {
 
 /// Mean over seeds of a metric, by (series, warmup, N); `None` as the metric takes each
 /// dataset's [`main_metric`].
-fn table(
+pub(crate) fn table(
     rows: &[AccuracyRow],
     split: &str,
     metric: Option<&str>,
@@ -160,12 +164,19 @@ pub fn render(dir: &Path, command: &str) -> Result<String> {
     let split = reported_split(&acc);
     let metric_name = |d: &str| main_metric(&acc, d);
     let means = |m: &str| table(&acc, split, Some(m));
-    let (main, lo, hi, ret, wret) = (
+    // Per-slot spreads: of accuracy, or of the cosine for embedding tasks (a run has one).
+    let either = |a: &str, b: &str| {
+        let mut t = means(a);
+        t.extend(means(b));
+        t
+    };
+    let (main, lo, hi, ret, wret, nn) = (
         table(&acc, split, None),
-        means("accuracy_slot_min"),
-        means("accuracy_slot_max"),
+        either("accuracy_slot_min", "cosine_slot_min"),
+        either("accuracy_slot_max", "cosine_slot_max"),
         means("retrieval_accuracy"),
         means("warmup_retrieval_accuracy"),
+        means("nn_agreement"),
     );
     md += &format!("## Accuracy ({split} split, %, mean over seeds)\n\n");
     md += "| dataset | backbone | size | mux | demux | warm-up | N | metric | value | slot min | slot max | retrieval | warm-up retrieval | seeds |\n";
@@ -199,6 +210,25 @@ pub fn render(dir: &Path, command: &str) -> Result<String> {
             pct(get(&wret, k)),
         );
     }
+    if !nn.is_empty() {
+        md += "\nMultiplexed embeddings: the cosine of each instance's embedding to the N = 1 model's \
+               own, and the share of instances whose nearest neighbour among the others is the \
+               one it has at N = 1 (%).\n\n| dataset | mux | demux | N | cosine | nearest-neighbour agreement |\n|---|---|---|---|---|---|\n";
+        for k in nn.keys() {
+            let (s, _, n) = k;
+            md += &format!(
+                "| {} | {} | {} | {n} | {} | {} |\n",
+                s.0,
+                s.3,
+                s.4,
+                pct(get(&main, k)),
+                pct(get(&nn, k)),
+            );
+        }
+    }
+    let others = crate::comparison::load(dir, split)?;
+    let (beside, compared_curves) = crate::comparison::section(&acc, split, &others);
+    md += &beside;
     let failed: Vec<&AccuracyRow> = acc.iter().filter(|r| r.id.status != Status::Ok).collect();
     if !failed.is_empty() {
         md += "\nRuns without results:\n\n| run | status | reason |\n|---|---|---|\n";
@@ -247,7 +277,7 @@ pub fn render(dir: &Path, command: &str) -> Result<String> {
         }
     }
     let mut plots = Vec::new();
-    let acc_points: BTreeMap<String, Vec<(f64, f64)>> =
+    let mut acc_points: BTreeMap<String, Vec<(f64, f64)>> =
         group_points(main.iter().map(|((s, w, n), (v, c))| {
             (
                 format!("{}{}", label(s, several), if *w { "" } else { " B1" }),
@@ -255,6 +285,7 @@ pub fn render(dir: &Path, command: &str) -> Result<String> {
                 100.0 * v / *c as f64,
             )
         }));
+    acc_points.extend(compared_curves);
     if !acc_points.is_empty() {
         let f = "accuracy_vs_n.png";
         let mut metrics: Vec<&str> = datasets.iter().map(|d| metric_name(d)).collect();

@@ -34,6 +34,25 @@ impl SentenceReadout {
     }
 }
 
+/// What a text run is trained for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// The dataset's labels: sentence (pair) or token classification.
+    #[default]
+    Classify,
+    /// Multiplexed sentence embeddings: each instance's demultiplexed embedding against the
+    /// pretrained model's own mean-pooled N = 1 embedding of it (cosine loss; `embeddings.rs`).
+    /// The dataset's labels are not read, only its text. Needs `pretrained`.
+    Embed,
+}
+
+impl Objective {
+    pub fn is_classify(&self) -> bool {
+        *self == Self::Classify
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -74,6 +93,9 @@ pub struct Config {
     /// The hub revision (branch, tag or commit) of `pretrained`; the default branch when unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// Left out of the serialised settings at its default, so older runs keep their hashes.
+    #[serde(skip_serializing_if = "Objective::is_classify")]
+    pub objective: Objective,
 }
 
 impl Default for Config {
@@ -92,6 +114,7 @@ impl Default for Config {
             sentence_readout: SentenceReadout::Summary,
             pretrained: None,
             revision: None,
+            objective: Objective::Classify,
         }
     }
 }
@@ -155,6 +178,10 @@ impl Config {
                 "pretrained `{repo}` brings its own tokenizer.json; drop tokenizer = \"{tk}\""
             )),
             (None, _, Some(rev)) => Err(format!("revision \"{rev}\" is set without pretrained")),
+            (None, _, _) if self.objective == Objective::Embed => Err(
+                "objective = \"embed\" needs pretrained: its targets are the pretrained model's own embeddings"
+                    .into(),
+            ),
             _ => Ok(()),
         }
     }

@@ -9,6 +9,7 @@
 //! the same frontend and encoder (`model.text.pretrained`), without touching the tasks.
 
 pub mod config;
+pub mod embeddings;
 pub mod frontend;
 pub mod metrics;
 pub mod pipeline;
@@ -17,7 +18,7 @@ pub mod task;
 pub mod tokenizer;
 pub mod warmup;
 
-pub use config::{Config, SentenceReadout, Size};
+pub use config::{Config, Objective, SentenceReadout, Size};
 pub use frontend::{TextFrontend, TextInput};
 pub use pipeline::Text;
 pub use pretrained::{Pretrained, PretrainedError};

@@ -13,7 +13,8 @@ use datamux_pipeline::{
 };
 use serde_json::value::RawValue;
 
-use crate::config::{Config, SentenceReadout, Size};
+use crate::config::{Config, Objective, SentenceReadout, Size};
+use crate::embeddings::{self, EmbeddingData};
 use crate::pretrained::Pretrained;
 use crate::task::{HeadKind, SentenceData, TextData, TextTask, TokenData};
 use crate::tokenizer::TextTokenizer;
@@ -162,6 +163,37 @@ pub fn text_data(split: &Split, tk: &TextTokenizer) -> Result<(TextData, HeadKin
     })
 }
 
+/// A split as the run's objective reads it: [`text_data`] to classify; to embed, its text
+/// (every sentence, or each word sequence joined) with the pretrained model's N = 1 embeddings,
+/// computed once and cached under `<cache>/embeddings/`.
+pub fn task_data(
+    run: &RunConfig,
+    split: &Split,
+    tk: &TextTokenizer,
+    pretrained: Option<&Pretrained>,
+    ctx: &mut Context<'_>,
+) -> Result<(TextData, HeadKind)> {
+    if settings(run)?.objective == Objective::Classify {
+        return text_data(split, tk);
+    }
+    let Some(pre) = pretrained else {
+        bail!("objective = \"embed\" needs model.text.pretrained");
+    };
+    let lines = text_lines(split);
+    let ids = SentenceData::corpus(tk, &lines)
+        .with_context(|| format!("dataset `{}` split `{}`", split.dataset, split.split))?
+        .ids;
+    let path = embeddings::cache_path(&ctx.env.cache_dir, pre, &split.dataset, &split.split, &ids);
+    let what = format!("{} embeddings at N = 1", split.split);
+    let targets = embeddings::targets(pre, &ids, tk.pad_id, &path, |pos, len| {
+        ctx.tick(Stage::Prepare, pos, len, what.as_str())
+    })?;
+    Ok((
+        TextData::Embeddings(EmbeddingData { ids, targets }),
+        HeadKind::Embedding,
+    ))
+}
+
 /// The task model of a run with loss weights `(α_task, α_ret)`.
 pub fn text_task(
     run: &RunConfig,
@@ -266,9 +298,9 @@ impl Modality for Text {
         ctx.tick(Stage::Prepare, 0, 1, "tokenizer");
         let pre = pretrained(run, ctx.env)?;
         let tk = tokenizer(run, &ctx.env.cache_dir, &s.train, pre.as_ref())?;
-        let (train, head) = text_data(&s.train, &tk)?;
-        let (valid, _) = text_data(&s.valid, &tk)?;
-        let (test, _) = text_data(&s.test, &tk)?;
+        let (train, head) = task_data(run, &s.train, &tk, pre.as_ref(), ctx)?;
+        let (valid, _) = task_data(run, &s.valid, &tk, pre.as_ref(), ctx)?;
+        let (test, _) = task_data(run, &s.test, &tk, pre.as_ref(), ctx)?;
         let labels = &s.train.label_names;
         let order = stages::eval_order(run, valid.len());
         let mut rows = Vec::new();
@@ -294,8 +326,8 @@ impl Modality for Text {
             )?);
             // The mean readout reads the same (prefix slot, position) pairs as retrieval, so its
             // demultiplexer starts from the retrieval one (method.md §12).
-            let from_retrieval = head == HeadKind::Sentence
-                && settings(run)?.sentence_readout == SentenceReadout::Mean;
+            let from_retrieval =
+                head.is_sequence() && settings(run)?.sentence_readout == SentenceReadout::Mean;
             warmup::start_task_from(&map, &warm_map, from_retrieval)?;
         }
         let data = stages::Data {
@@ -317,7 +349,7 @@ impl Modality for Text {
     fn speed(&self, run: &RunConfig, s: &Splits, ctx: &mut Context<'_>) -> Result<SpeedPoint> {
         let pre = pretrained(run, ctx.env)?;
         let tk = tokenizer(run, &ctx.env.cache_dir, &s.train, pre.as_ref())?;
-        let (data, head) = text_data(&s.test, &tk)?;
+        let (data, head) = task_data(run, &s.test, &tk, pre.as_ref(), ctx)?;
         let map = SeededVarMap::new(run.seed);
         let labels = &s.test.label_names;
         let mut task = text_task(run, head, labels, &tk, (1.0, 0.0), &map, pre.as_ref())?;

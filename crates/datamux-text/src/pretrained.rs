@@ -185,6 +185,12 @@ impl Pretrained {
         encoder_config(&self.config, settings)
     }
 
+    /// The size of the weights file in bytes (0 if it cannot be read): part of the cache key of
+    /// what is computed from the weights.
+    pub fn weights_len(&self) -> u64 {
+        std::fs::metadata(&self.weights_file).map_or(0, |m| m.len())
+    }
+
     /// The checkpoint's tensors as a `VarBuilder`, for candle-transformers' `BertModel`.
     pub fn var_builder(&self) -> VarBuilder<'static> {
         VarBuilder::from_tensors(self.tensors.clone(), DType::F32, &Device::Cpu)

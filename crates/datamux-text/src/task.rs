@@ -10,12 +10,13 @@ use rand_chacha::ChaCha8Rng;
 
 use datamux_core::SeededVarMap;
 use datamux_core::demux::Positions;
-use datamux_core::heads::{self, SequenceHead, TokenHead};
+use datamux_core::heads::{self, EmbeddingHead, SequenceHead, TokenHead};
 use datamux_core::model::{self, MuxNet};
 use datamux_core::retrieval::{RetrievalHead, RetrievalTargets};
 use datamux_core::task::{self, Losses, Score, Task};
 
 use crate::config::{Config, SentenceReadout};
+use crate::embeddings::EmbeddingData;
 use crate::frontend::{TextBackbone, TextFrontend, TextInput};
 use crate::metrics;
 use crate::pretrained::Pretrained;
@@ -145,6 +146,7 @@ impl TokenData {
 pub enum TextData {
     Sentences(SentenceData),
     Tokens(TokenData),
+    Embeddings(EmbeddingData),
 }
 
 impl TextData {
@@ -152,6 +154,7 @@ impl TextData {
         match self {
             Self::Sentences(s) => s.ids.len(),
             Self::Tokens(t) => t.ids.len(),
+            Self::Embeddings(e) => e.ids.len(),
         }
     }
 
@@ -163,6 +166,7 @@ impl TextData {
         match self {
             Self::Sentences(s) => &s.ids[i],
             Self::Tokens(t) => &t.ids[i],
+            Self::Embeddings(e) => &e.ids[i],
         }
     }
 }
@@ -177,6 +181,8 @@ pub struct TextBatch {
     /// and the gold word tags of each slot (empty for dummies), for entity F1.
     pub words: Vec<u32>,
     pub gold_tags: Vec<Vec<u32>>,
+    /// Embedding tasks: the target of each slot `(B·N, D)`, zeros for dummies.
+    pub embeddings: Option<Tensor>,
     pub targets: RetrievalTargets,
     pub len: usize,
 }
@@ -185,6 +191,7 @@ pub struct TextBatch {
 enum Head {
     Sentence(SequenceHead),
     Token(TokenHead),
+    Embedding(EmbeddingHead),
 }
 
 /// Which head a text task has.
@@ -192,6 +199,15 @@ enum Head {
 pub enum HeadKind {
     Sentence,
     Token,
+    /// Multiplexed sentence embeddings (`crate::embeddings`).
+    Embedding,
+}
+
+impl HeadKind {
+    /// Whether the head reads one position per instance (the sentence readout).
+    pub fn is_sequence(&self) -> bool {
+        matches!(self, Self::Sentence | Self::Embedding)
+    }
 }
 
 pub struct TextTask {
@@ -273,6 +289,7 @@ impl TextTask {
         let head = match head {
             HeadKind::Sentence => Head::Sentence(SequenceHead::new(d, classes, vb.pp("head"))?),
             HeadKind::Token => Head::Token(TokenHead::new(d, classes, vb.pp("head"))?),
+            HeadKind::Embedding => Head::Embedding(EmbeddingHead::new(d, d, vb.pp("head"))?),
         };
         let retrieval = RetrievalHead::new(&mux.demux, mux.n_instances, d, v, vb.pp("retrieval"))?;
         if let Some(p) = pretrained {
@@ -298,6 +315,7 @@ impl TextTask {
         match &self.head {
             Head::Sentence(h) => h.forward(z),
             Head::Token(h) => h.forward(z),
+            Head::Embedding(h) => h.forward(z),
         }
     }
 
@@ -309,29 +327,22 @@ impl TextTask {
         train: bool,
         tokens: bool,
     ) -> Result<(datamux_core::Encoded, Tensor)> {
-        match &self.head {
-            Head::Sentence(h) => {
-                let (enc, z) = match self.readout {
-                    SentenceReadout::Summary if !tokens => {
-                        self.net.forward_summary(&batch.input, train)?
-                    }
-                    SentenceReadout::Summary => {
-                        self.net
-                            .forward_t(&batch.input, Positions::Summary, train)?
-                    }
-                    SentenceReadout::Mean => {
-                        let (enc, z) =
-                            self.net.forward_t(&batch.input, Positions::Tokens, train)?;
-                        (enc, heads::masked_mean(&z, &batch.input.pad)?)
-                    }
-                };
-                Ok((enc, h.forward(&z)?))
-            }
-            Head::Token(h) => {
-                let (enc, z) = self.net.forward_t(&batch.input, Positions::Tokens, train)?;
-                Ok((enc, h.forward(&z)?))
-            }
+        if let Head::Token(h) = &self.head {
+            let (enc, z) = self.net.forward_t(&batch.input, Positions::Tokens, train)?;
+            return Ok((enc, h.forward(&z)?));
         }
+        let (enc, z) = match self.readout {
+            SentenceReadout::Summary if !tokens => self.net.forward_summary(&batch.input, train)?,
+            SentenceReadout::Summary => {
+                self.net
+                    .forward_t(&batch.input, Positions::Summary, train)?
+            }
+            SentenceReadout::Mean => {
+                let (enc, z) = self.net.forward_t(&batch.input, Positions::Tokens, train)?;
+                (enc, heads::masked_mean(&z, &batch.input.pad)?)
+            }
+        };
+        Ok((enc, self.head_logits(&z)?))
     }
 
     fn task_loss(&self, logits: &Tensor, batch: &TextBatch) -> Result<Tensor> {
@@ -346,6 +357,12 @@ impl TextTask {
                     return Tensor::zeros((), DType::F32, &self.device);
                 }
                 task::real_cross_entropy(&flat, &batch.labels, &keep)
+            }
+            Head::Embedding(_) => {
+                let target = batch.embeddings.as_ref().ok_or_else(|| {
+                    candle_core::Error::Msg("an embedding batch without targets".into())
+                })?;
+                task::real_cosine_loss(logits, target, &batch.real)
             }
         }
     }
@@ -388,6 +405,7 @@ impl Task for TextTask {
         let mut labels = Vec::new();
         let mut words = Vec::new();
         let mut gold_tags = Vec::new();
+        let mut embeddings = Vec::new();
         for slot in slots {
             let seq: &[u32] = slot.map(|i| data.ids(i)).unwrap_or_default();
             let seq = &seq[..seq.len().min(l)];
@@ -407,8 +425,23 @@ impl Task for TextTask {
                     words.extend((0..l).map(|j| tw.get(j).copied().unwrap_or(IGNORE)));
                     gold_tags.push(slot.map(|i| t.word_tags[i].clone()).unwrap_or_default());
                 }
+                TextData::Embeddings(e) => {
+                    labels.push(0);
+                    let d = e.targets.first().map_or(0, Vec::len);
+                    match slot {
+                        Some(i) => embeddings.extend(&e.targets[*i]),
+                        None => embeddings.extend(std::iter::repeat_n(0f32, d)),
+                    }
+                }
             }
         }
+        let embeddings = match data {
+            TextData::Embeddings(_) if !embeddings.is_empty() => {
+                let (rows, d) = (slots.len(), embeddings.len() / slots.len());
+                Some(Tensor::from_vec(embeddings, (rows, d), &self.device)?) // (B·N, D)
+            }
+            _ => None,
+        };
         let real = datamux_core::group::real_mask(slots);
         let targets = RetrievalTargets::sample(
             &ids,
@@ -429,6 +462,7 @@ impl Task for TextTask {
             real,
             words,
             gold_tags,
+            embeddings,
             targets,
             len: l,
         })
@@ -471,6 +505,10 @@ impl Task for TextTask {
         let mut score = match &self.head {
             Head::Sentence(_) => task::slot_counts(&logits, &batch.labels, &batch.real, self.n)?,
             Head::Token(_) => self.token_score(&logits, batch)?,
+            Head::Embedding(_) => match &batch.embeddings {
+                Some(t) => task::embedding_pairs(&logits, t, &batch.real, self.n)?,
+                None => candle_core::bail!("an embedding batch without targets"),
+            },
         };
         let r = self
             .retrieval
@@ -488,6 +526,7 @@ impl Task for TextTask {
         match self.head {
             Head::Sentence(_) => "accuracy",
             Head::Token(_) => "f1",
+            Head::Embedding(_) => "cosine",
         }
     }
 }

@@ -379,3 +379,51 @@ fn bad_checkpoints_are_one_line_errors_naming_repository_and_file() {
         "{err}"
     );
 }
+
+/// Item 4's targets are the plain model's own mean-pooled N = 1 embeddings (on MiniLM, the
+/// issue's reference values), and a cached split reads back as computed, under a name that
+/// changes with the text.
+#[test]
+fn embedding_targets_are_the_n1_embeddings_and_are_cached() -> TestResult {
+    use datamux_text::embeddings;
+    let dir = tempfile::tempdir()?;
+    let texts = [
+        "A man is playing a guitar.",
+        "Someone plays an instrument.",
+        "x",
+    ];
+    let mut checked_reference = false;
+    for pre in [Some(tiny()), minilm()].into_iter().flatten() {
+        let tk = TextTokenizer::from_file(&pre.tokenizer_file, 64)?;
+        let (ids, tensor, mask) = encode(&tk, &texts);
+        let path = embeddings::cache_path(dir.path(), &pre, "d", "test", &ids);
+        assert!(!path.exists());
+        let mut ticks = 0;
+        let first = embeddings::targets(&pre, &ids, tk.pad_id, &path, |_, _| ticks += 1)?;
+        assert!(path.is_file() && ticks > 0);
+        let again = embeddings::targets(&pre, &ids, tk.pad_id, &path, |_, _| {
+            panic!("recomputed a cached split")
+        })?;
+        assert_eq!(first, again);
+        // The same as pooling BertModel's whole padded batch.
+        let reference = BertModel::load(pre.var_builder(), &pre.config)?;
+        let h = reference.forward(&tensor, &tensor.zeros_like()?, Some(&mask))?;
+        let pooled = embeddings::mean_pool(&h, &mask)?.to_vec2::<f32>()?;
+        for (a, b) in first.iter().flatten().zip(pooled.iter().flatten()) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+        let other = embeddings::cache_path(dir.path(), &pre, "d", "test", &ids[..2]);
+        assert_ne!(path, other);
+        if pre.repo == MINILM {
+            let expected = [0.10676f32, -0.02397, -0.04755, -0.31245, -0.82542, 0.02305];
+            for (got, want) in first[0].iter().zip(expected) {
+                assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+            }
+            checked_reference = true;
+        }
+    }
+    if !checked_reference {
+        eprintln!("skipped: the MiniLM reference values of the targets (no MiniLM folder)");
+    }
+    Ok(())
+}

@@ -31,7 +31,9 @@ pub fn merge(base: &mut toml::Value, over: &toml::Value) {
 /// apply to the experiment as a whole, not to runs).
 pub fn catch_all(table: &toml::Value) -> toml::Value {
     let mut t = table.as_table().cloned().unwrap_or_default();
-    for k in ["sweep", "expect", "variant", "name", "analysis", "modality"] {
+    for k in [
+        "sweep", "expect", "variant", "name", "analysis", "modality", "compare",
+    ] {
         t.remove(k);
     }
     t.insert("when".into(), toml::Value::Table(toml::Table::new()));

@@ -43,6 +43,8 @@ pub struct Experiment {
     pub path: PathBuf,
     pub profile: String,
     pub analysis: String,
+    /// Experiments the report compares with (`compare` in the file).
+    pub compare: Vec<String>,
     /// The registry name of its modality.
     pub modality: &'static str,
     pub runs: Vec<RunConfig>,
@@ -175,7 +177,7 @@ pub fn load(
         Some(toml::Value::Array(a)) => a,
         _ => Vec::new(),
     };
-    for k in ["sweep", "expect", "name", "analysis", "modality"] {
+    for k in ["sweep", "expect", "name", "analysis", "modality", "compare"] {
         table.remove(k);
     }
     let sweep = &wire.sweep;
@@ -267,6 +269,7 @@ pub fn load(
         path: path.to_path_buf(),
         profile: profile.to_string(),
         analysis: wire.analysis.unwrap_or_default(),
+        compare: wire.compare,
         modality: modality.name(),
         runs,
         expect: wire.expect,

@@ -117,6 +117,10 @@ pub struct WireExperiment {
     pub name: String,
     pub modality: String,
     pub analysis: Option<String>,
+    /// Other experiments whose curves on the same datasets the report draws beside this one's
+    /// (from the same results folder and profile): pretrained against from scratch.
+    #[serde(default)]
+    pub compare: Vec<String>,
     #[serde(default)]
     pub data: DataConfig,
     #[serde(default)]

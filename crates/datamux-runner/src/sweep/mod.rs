@@ -325,6 +325,9 @@ fn write_resolved(dir: &Path, exp: &Experiment, in_tables: &BTreeSet<String>) ->
     doc.insert("experiment".into(), exp.name.clone().into());
     doc.insert("profile".into(), exp.profile.clone().into());
     doc.insert("source".into(), exp.path.display().to_string().into());
+    if !exp.compare.is_empty() {
+        doc.insert("compare".into(), exp.compare.clone().into());
+    }
     doc.insert(
         "runs".into(),
         toml::Value::Table(runs.into_iter().collect()),
