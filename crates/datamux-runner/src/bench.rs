@@ -110,6 +110,7 @@ fn synthetic_text(count: usize, len: usize, vocab: usize) -> TextData {
     TextData::Sentences(SentenceData {
         ids,
         labels: vec![0; count],
+        targets: Vec::new(),
     })
 }
 

@@ -96,6 +96,17 @@ pub struct Config {
     /// Left out of the serialised settings at its default, so older runs keep their hashes.
     #[serde(skip_serializing_if = "Objective::is_classify")]
     pub objective: Objective,
+    /// Sentence classification with `pretrained`: the weight of a distillation term added to
+    /// the task loss, 1 - cosine between each instance's readout (through a linear map,
+    /// `head.distill.*`) and the pretrained model's own N = 1 embedding of it
+    /// (`crate::embeddings`), so that the mix keeps what the plain model knows of every
+    /// instance. 0 (the default, left out of the settings) turns it off.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub embedding_weight: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl Default for Config {
@@ -115,6 +126,7 @@ impl Default for Config {
             pretrained: None,
             revision: None,
             objective: Objective::Classify,
+            embedding_weight: 0.0,
         }
     }
 }
@@ -178,11 +190,41 @@ impl Config {
                 "pretrained `{repo}` brings its own tokenizer.json; drop tokenizer = \"{tk}\""
             )),
             (None, _, Some(rev)) => Err(format!("revision \"{rev}\" is set without pretrained")),
+            _ if !(self.embedding_weight >= 0.0 && self.embedding_weight.is_finite()) => Err(
+                format!("embedding_weight must be >= 0, got {}", self.embedding_weight),
+            ),
+            (None, _, _) if self.embedding_weight > 0.0 => Err(
+                "embedding_weight needs pretrained: its targets are the pretrained model's own embeddings"
+                    .into(),
+            ),
             (None, _, _) if self.objective == Objective::Embed => Err(
                 "objective = \"embed\" needs pretrained: its targets are the pretrained model's own embeddings"
                     .into(),
             ),
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedding_objective_needs_a_pretrained_model() {
+        let embed = Config {
+            objective: Objective::Embed,
+            ..Config::tiny()
+        };
+        let e = embed.validate(2, DemuxKind::Index).unwrap_err();
+        assert!(e.contains("needs pretrained"), "{e}");
+        let with = Config {
+            pretrained: Some("owner/name".into()),
+            ..embed
+        };
+        assert_eq!(with.validate(2, DemuxKind::Index), Ok(()));
+        // The default objective is left out of the settings, so older run ids stay.
+        let json = serde_json::to_string(&Config::tiny()).unwrap_or_default();
+        assert!(!json.contains("objective"), "{json}");
     }
 }

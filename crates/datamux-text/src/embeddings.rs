@@ -2,7 +2,8 @@
 //! encoder. The target of each instance is the pretrained model's own mean-pooled embedding of
 //! it at N = 1, through candle-transformers' `BertModel` (the reference forward), computed once
 //! per split and cached; the multiplexed model learns to give every instance of a mixture that
-//! embedding back (cosine loss, `datamux_core::task::real_cosine_loss`).
+//! embedding back (cosine loss, `datamux_core::task::real_cosine_loss`), or, beside a sentence
+//! classification loss, learns to keep it (`embedding_weight`: a distillation of the plain model).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,14 +13,6 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::bert::BertModel;
 
 use crate::pretrained::Pretrained;
-
-/// Token ids of each sentence and its target embedding.
-#[derive(Debug, Clone, Default)]
-pub struct EmbeddingData {
-    pub ids: Vec<Vec<u32>>,
-    /// `(rows, D)`, one target per sentence.
-    pub targets: Vec<Vec<f32>>,
-}
 
 /// Sentences per `BertModel` call: enough to keep the matmuls large, few enough to pad little
 /// (they are sorted by length first).

@@ -14,7 +14,7 @@ use datamux_pipeline::{
 use serde_json::value::RawValue;
 
 use crate::config::{Config, Objective, SentenceReadout, Size};
-use crate::embeddings::{self, EmbeddingData};
+use crate::embeddings;
 use crate::pretrained::Pretrained;
 use crate::task::{HeadKind, SentenceData, TextData, TextTask, TokenData};
 use crate::tokenizer::TextTokenizer;
@@ -55,6 +55,11 @@ pub fn warmup_run(run: &RunConfig) -> Result<RunConfig> {
     let mut out = run.clone();
     let mut text = settings(run)?;
     text.sentence_readout = SentenceReadout::default();
+    // The warm-up has no task loss, so neither the distillation term nor the objective changes
+    // it: runs that differ only in those share one warm-up (built with the dataset's
+    // classification head, [`class_head`], whatever the objective).
+    text.embedding_weight = 0.0;
+    text.objective = Objective::Classify;
     if let Some(p) = run.warmup.dropout {
         let mut enc = text.encoder();
         enc.hidden_dropout_prob = p;
@@ -163,9 +168,19 @@ pub fn text_data(split: &Split, tk: &TextTokenizer) -> Result<(TextData, HeadKin
     })
 }
 
+/// The head a dataset's labels call for: its warm-up is built with it under every objective.
+pub fn class_head(split: &Split) -> HeadKind {
+    match split.examples {
+        Examples::Tokens { .. } => HeadKind::Token,
+        _ => HeadKind::Sentence,
+    }
+}
+
 /// A split as the run's objective reads it: [`text_data`] to classify; to embed, its text
-/// (every sentence, or each word sequence joined) with the pretrained model's N = 1 embeddings,
-/// computed once and cached under `<cache>/embeddings/`.
+/// (every sentence, or each word sequence joined). Both with the pretrained model's N = 1
+/// embedding of every example where the run uses them (the embedding objective, or
+/// `embedding_weight` beside a sentence task), computed once and cached under
+/// `<cache>/embeddings/`.
 pub fn task_data(
     run: &RunConfig,
     split: &Split,
@@ -173,25 +188,45 @@ pub fn task_data(
     pretrained: Option<&Pretrained>,
     ctx: &mut Context<'_>,
 ) -> Result<(TextData, HeadKind)> {
-    if settings(run)?.objective == Objective::Classify {
+    let cfg = settings(run)?;
+    let embed = cfg.objective == Objective::Embed;
+    if !embed && cfg.embedding_weight == 0.0 {
         return text_data(split, tk);
     }
     let Some(pre) = pretrained else {
-        bail!("objective = \"embed\" needs model.text.pretrained");
+        bail!("the N = 1 embedding targets need model.text.pretrained");
     };
-    let lines = text_lines(split);
-    let ids = SentenceData::corpus(tk, &lines)
-        .with_context(|| format!("dataset `{}` split `{}`", split.dataset, split.split))?
-        .ids;
-    let path = embeddings::cache_path(&ctx.env.cache_dir, pre, &split.dataset, &split.split, &ids);
+    let where_ = || format!("dataset `{}` split `{}`", split.dataset, split.split);
+    let (mut sentences, head) = if embed {
+        let lines = text_lines(split);
+        let s = SentenceData::corpus(tk, &lines).with_context(where_)?;
+        (s, HeadKind::Embedding)
+    } else {
+        match text_data(split, tk)? {
+            (TextData::Sentences(s), head) => (s, head),
+            _ => bail!(
+                "embedding_weight needs a sentence task; {} is token classification",
+                where_()
+            ),
+        }
+    };
+    let path = embeddings::cache_path(
+        &ctx.env.cache_dir,
+        pre,
+        &split.dataset,
+        &split.split,
+        &sentences.ids,
+    );
     let what = format!("{} embeddings at N = 1", split.split);
-    let targets = embeddings::targets(pre, &ids, tk.pad_id, &path, |pos, len| {
+    sentences.targets = embeddings::targets(pre, &sentences.ids, tk.pad_id, &path, |pos, len| {
         ctx.tick(Stage::Prepare, pos, len, what.as_str())
     })?;
-    Ok((
-        TextData::Embeddings(EmbeddingData { ids, targets }),
-        HeadKind::Embedding,
-    ))
+    let data = if embed {
+        TextData::Embeddings(sentences)
+    } else {
+        TextData::Sentences(sentences)
+    };
+    Ok((data, head))
 }
 
 /// The task model of a run with loss weights `(α_task, α_ret)`.
@@ -312,7 +347,7 @@ impl Modality for Text {
                 splits: s,
                 tk: &tk,
                 pretrained: pre.as_ref(),
-                head,
+                head: class_head(&s.train),
                 labels,
                 valid: &valid,
                 order: order.as_deref(),

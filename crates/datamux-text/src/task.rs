@@ -16,7 +16,6 @@ use datamux_core::retrieval::{RetrievalHead, RetrievalTargets};
 use datamux_core::task::{self, Losses, Score, Task};
 
 use crate::config::{Config, SentenceReadout};
-use crate::embeddings::EmbeddingData;
 use crate::frontend::{TextBackbone, TextFrontend, TextInput};
 use crate::metrics;
 use crate::pretrained::Pretrained;
@@ -30,6 +29,10 @@ pub const IGNORE: u32 = u32::MAX;
 pub struct SentenceData {
     pub ids: Vec<Vec<u32>>,
     pub labels: Vec<u32>,
+    /// The pretrained model's N = 1 embedding of each sentence `(rows, D)`
+    /// (`crate::embeddings`): the target of the embedding objective and of `embedding_weight`;
+    /// empty when neither is used.
+    pub targets: Vec<Vec<f32>>,
 }
 
 impl SentenceData {
@@ -62,6 +65,7 @@ impl SentenceData {
         Ok(Self {
             ids,
             labels: labels.to_vec(),
+            targets: Vec::new(),
         })
     }
 
@@ -75,6 +79,7 @@ impl SentenceData {
         Ok(Self {
             labels: vec![0; ids.len()],
             ids,
+            targets: Vec::new(),
         })
     }
 }
@@ -146,7 +151,8 @@ impl TokenData {
 pub enum TextData {
     Sentences(SentenceData),
     Tokens(TokenData),
-    Embeddings(EmbeddingData),
+    /// Sentences with their `targets` and no labels (the embedding objective).
+    Embeddings(SentenceData),
 }
 
 impl TextData {
@@ -221,6 +227,8 @@ pub struct TextTask {
     /// Share of retrieval targets kept per batch (`retrieval_fraction` of the config).
     pub retrieval_fraction: f64,
     readout: SentenceReadout,
+    /// `embedding_weight`: the distillation head and the term's weight (sentence tasks).
+    distill: Option<(EmbeddingHead, f64)>,
     label_names: Vec<String>,
     pad_id: u32,
     n: usize,
@@ -291,6 +299,13 @@ impl TextTask {
             HeadKind::Token => Head::Token(TokenHead::new(d, classes, vb.pp("head"))?),
             HeadKind::Embedding => Head::Embedding(EmbeddingHead::new(d, d, vb.pp("head"))?),
         };
+        let distill = match &head {
+            Head::Sentence(_) if cfg.embedding_weight > 0.0 => Some((
+                EmbeddingHead::new(d, d, vb.pp("head").pp("distill"))?,
+                cfg.embedding_weight,
+            )),
+            _ => None,
+        };
         let retrieval = RetrievalHead::new(&mux.demux, mux.n_instances, d, v, vb.pp("retrieval"))?;
         if let Some(p) = pretrained {
             p.load_into(map).map_err(candle_core::Error::wrap)?;
@@ -303,6 +318,7 @@ impl TextTask {
             fixed_len: None,
             retrieval_fraction: cfg.retrieval_fraction,
             readout: cfg.sentence_readout,
+            distill,
             label_names: label_names.to_vec(),
             pad_id,
             n: mux.n_instances,
@@ -319,17 +335,28 @@ impl TextTask {
         }
     }
 
-    /// Task logits: `(B·N, C)` for sentences, `(B·N, L, C)` for tokens. Without `tokens` (no
-    /// retrieval head reads the encoding), a summary readout encodes only the prefix.
+    /// Task logits: `(B·N, C)` for sentences, `(B·N, L, C)` for tokens, `(B·N, D)` embeddings.
     fn logits(
         &self,
         batch: &TextBatch,
         train: bool,
         tokens: bool,
     ) -> Result<(datamux_core::Encoded, Tensor)> {
-        if let Head::Token(h) = &self.head {
-            let (enc, z) = self.net.forward_t(&batch.input, Positions::Tokens, train)?;
-            return Ok((enc, h.forward(&z)?));
+        let (enc, z) = self.represent(batch, train, tokens)?;
+        Ok((enc, self.head_logits(&z)?))
+    }
+
+    /// What the head reads: the demultiplexed positions `(B, N, L, D)` for tokens, else the
+    /// sentence readout `(B, N, 1, D)`. Without `tokens` (no retrieval head reads the
+    /// encoding), a summary readout encodes only the prefix.
+    fn represent(
+        &self,
+        batch: &TextBatch,
+        train: bool,
+        tokens: bool,
+    ) -> Result<(datamux_core::Encoded, Tensor)> {
+        if let Head::Token(_) = &self.head {
+            return self.net.forward_t(&batch.input, Positions::Tokens, train);
         }
         let (enc, z) = match self.readout {
             SentenceReadout::Summary if !tokens => self.net.forward_summary(&batch.input, train)?,
@@ -342,7 +369,15 @@ impl TextTask {
                 (enc, heads::masked_mean(&z, &batch.input.pad)?)
             }
         };
-        Ok((enc, self.head_logits(&z)?))
+        Ok((enc, z))
+    }
+
+    /// The distillation term on a readout `(B, N, 1, D)` (`embedding_weight`), unweighted.
+    fn distill_loss(&self, head: &EmbeddingHead, z: &Tensor, batch: &TextBatch) -> Result<Tensor> {
+        let target = batch.embeddings.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("embedding_weight > 0 but the batch has no targets".into())
+        })?;
+        task::real_cosine_loss(&head.forward(z)?, target, &batch.real)
     }
 
     fn task_loss(&self, logits: &Tensor, batch: &TextBatch) -> Result<Tensor> {
@@ -413,7 +448,15 @@ impl Task for TextTask {
             ids.extend(std::iter::repeat_n(self.pad_id, l - seq.len()));
             pad.extend((0..l).map(|j| j >= seq.len()));
             match data {
-                TextData::Sentences(s) => labels.push(slot.map_or(0, |i| s.labels[i])),
+                TextData::Sentences(s) | TextData::Embeddings(s) => {
+                    labels.push(slot.map_or(0, |i| s.labels[i]));
+                    if let Some(d) = s.targets.first().map(Vec::len) {
+                        match slot {
+                            Some(i) => embeddings.extend(&s.targets[*i]),
+                            None => embeddings.extend(std::iter::repeat_n(0f32, d)),
+                        }
+                    }
+                }
                 TextData::Tokens(t) => {
                     let tl: &[u32] = slot
                         .map(|i| t.token_labels[i].as_slice())
@@ -425,22 +468,13 @@ impl Task for TextTask {
                     words.extend((0..l).map(|j| tw.get(j).copied().unwrap_or(IGNORE)));
                     gold_tags.push(slot.map(|i| t.word_tags[i].clone()).unwrap_or_default());
                 }
-                TextData::Embeddings(e) => {
-                    labels.push(0);
-                    let d = e.targets.first().map_or(0, Vec::len);
-                    match slot {
-                        Some(i) => embeddings.extend(&e.targets[*i]),
-                        None => embeddings.extend(std::iter::repeat_n(0f32, d)),
-                    }
-                }
             }
         }
-        let embeddings = match data {
-            TextData::Embeddings(_) if !embeddings.is_empty() => {
-                let (rows, d) = (slots.len(), embeddings.len() / slots.len());
-                Some(Tensor::from_vec(embeddings, (rows, d), &self.device)?) // (B·N, D)
-            }
-            _ => None,
+        let embeddings = if embeddings.is_empty() {
+            None
+        } else {
+            let (rows, d) = (slots.len(), embeddings.len() / slots.len());
+            Some(Tensor::from_vec(embeddings, (rows, d), &self.device)?) // (B·N, D)
         };
         let real = datamux_core::group::real_mask(slots);
         let targets = RetrievalTargets::sample(
@@ -471,8 +505,12 @@ impl Task for TextTask {
     fn loss(&self, batch: &TextBatch, train: bool) -> Result<Losses> {
         let (a_task, a_ret) = self.weights;
         let (enc, task) = if a_task > 0.0 {
-            let (enc, logits) = self.logits(batch, train, a_ret > 0.0)?;
-            (enc, Some(self.task_loss(&logits, batch)?))
+            let (enc, z) = self.represent(batch, train, a_ret > 0.0)?;
+            let mut loss = self.task_loss(&self.head_logits(&z)?, batch)?;
+            if let Some((h, w)) = &self.distill {
+                loss = (loss + (self.distill_loss(h, &z, batch)? * *w)?)?;
+            }
+            (enc, Some(loss))
         } else {
             // The warm-up needs no task head.
             (self.net.encode(&batch.input, train)?, None)
@@ -501,7 +539,8 @@ impl Task for TextTask {
     }
 
     fn score(&self, batch: &TextBatch) -> Result<Score> {
-        let (enc, logits) = self.logits(batch, false, !batch.targets.is_empty())?;
+        let (enc, z) = self.represent(batch, false, !batch.targets.is_empty())?;
+        let logits = self.head_logits(&z)?;
         let mut score = match &self.head {
             Head::Sentence(_) => task::slot_counts(&logits, &batch.labels, &batch.real, self.n)?,
             Head::Token(_) => self.token_score(&logits, batch)?,
@@ -510,6 +549,11 @@ impl Task for TextTask {
                 None => candle_core::bail!("an embedding batch without targets"),
             },
         };
+        // With the distillation term, how close each instance stays to its N = 1 embedding.
+        if let (Some((h, _)), Some(t)) = (&self.distill, &batch.embeddings) {
+            let pairs = task::embedding_pairs(&h.forward(&z)?, t, &batch.real, self.n)?;
+            score.embeddings = pairs.embeddings;
+        }
         let r = self
             .retrieval
             .forward_t(&enc.hidden, &batch.targets, false)?;

@@ -25,6 +25,8 @@ pub struct Shared<'a> {
     pub tk: &'a TextTokenizer,
     /// The checkpoint every warm-up starts from, for a pretrained backbone.
     pub pretrained: Option<&'a Pretrained>,
+    /// The dataset's classification head (`pipeline::class_head`), whatever the objective, so
+    /// that runs of one dataset share a warm-up checkpoint.
     pub head: HeadKind,
     pub labels: &'a [String],
     pub valid: &'a TextData,
@@ -185,7 +187,7 @@ pub fn records(
     Ok(rows)
 }
 
-/// Fine-tuning starts from the warm-up: everything but the task head, which is fresh (the
+/// Fine-tuning starts from the warm-up: everything but the task heads, which are fresh (the
 /// warm-up's head was never trained; method.md §12). With `from_retrieval` (the mean sentence
 /// readout) the task's demultiplexer starts from the retrieval one, which learned to address
 /// each instance at every position (the task's own was never trained either); the prefix table
@@ -195,8 +197,15 @@ pub fn start_task_from(
     warm_map: &SeededVarMap,
     from_retrieval: bool,
 ) -> Result<()> {
-    let warm_vars = warm_map.sorted_vars()?;
-    let fresh = map.sorted_vars()?;
+    // Heads differ between the two (a distillation head exists only in the task), and stay
+    // fresh anyway.
+    let body = |vars: Vec<(String, Var)>| -> Vec<(String, Var)> {
+        vars.into_iter()
+            .filter(|(n, _)| !n.starts_with("head."))
+            .collect()
+    };
+    let warm_vars = body(warm_map.sorted_vars()?);
+    let fresh = body(map.sorted_vars()?);
     let warm_by_name: HashMap<&str, &Var> =
         warm_vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
     ensure!(
@@ -210,9 +219,6 @@ pub fn start_task_from(
             name == wname,
             "warm-up and task variables differ: {name} vs {wname}"
         );
-        if name.starts_with("head.") {
-            continue;
-        }
         let retrieval = from_retrieval
             .then(|| warm_by_name.get(format!("retrieval.{name}").as_str()))
             .flatten()

@@ -65,12 +65,24 @@ fn task(
     max_length: usize,
     map: &SeededVarMap,
 ) -> (TextTask, TextTokenizer) {
+    task_with(pre, n, max_length, map, |_| {})
+}
+
+/// [`task`] with other text settings.
+fn task_with(
+    pre: &Pretrained,
+    n: usize,
+    max_length: usize,
+    map: &SeededVarMap,
+    edit: impl FnOnce(&mut Config),
+) -> (TextTask, TextTokenizer) {
     let tk = TextTokenizer::from_file(&pre.tokenizer_file, max_length).expect("tokenizer");
-    let cfg = Config {
+    let mut cfg = Config {
         max_length,
         pretrained: Some(pre.repo.clone()),
         ..Config::default()
     };
+    edit(&mut cfg);
     let mux = model::Config::new(n, MuxKind::GaussianHadamard, DemuxKind::Index);
     let labels = vec!["neg".to_string(), "pos".to_string()];
     let t = TextTask::new(
@@ -425,5 +437,59 @@ fn embedding_targets_are_the_n1_embeddings_and_are_cached() -> TestResult {
     if !checked_reference {
         eprintln!("skipped: the MiniLM reference values of the targets (no MiniLM folder)");
     }
+    Ok(())
+}
+
+/// `embedding_weight` adds `w · (1 - cos)` of a new head (`head.distill.*`) against each
+/// sentence's target to the task loss, trains that head, and the score then carries the
+/// cosine beside the accuracy.
+#[test]
+fn embedding_weight_adds_a_distillation_term() -> TestResult {
+    let pre = tiny();
+    let texts: Vec<String> = ["a good film", "not funny", "the story is dull"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let d = pre.config.hidden_size;
+    let mut losses = Vec::new();
+    for w in [0.0, 0.5] {
+        let map = SeededVarMap::new(5);
+        let (t, tk) = task_with(&pre, 2, 24, &map, |c| {
+            c.embedding_weight = w;
+            c.sentence_readout = datamux_text::SentenceReadout::Mean;
+        });
+        let mut s = SentenceData::encode(&tk, &texts, None, &[1, 0, 0], 2)?;
+        s.targets = (0..3)
+            .map(|i| (0..d).map(|j| ((i * d + j) as f32 * 0.37).sin()).collect())
+            .collect();
+        let data = TextData::Sentences(s);
+        // Three sentences at N = 2: the last slot is a dummy.
+        let slots = datamux_core::Groups::consecutive(&[0, 1, 2], 2).slots;
+        let b = t.batch(&data, &slots, &mut rng_for(0, "r"))?;
+        let loss = t.loss(&b, true)?;
+        let distill = map
+            .sorted_vars()?
+            .into_iter()
+            .find(|(n, _)| n.starts_with("head.distill."));
+        assert_eq!(distill.is_some(), w > 0.0);
+        if let Some((name, var)) = distill {
+            let g = loss.total.backward()?;
+            let g = g
+                .get(var.as_tensor())
+                .expect("a gradient")
+                .abs()?
+                .max_all()?;
+            assert!(g.to_scalar::<f32>()? > 0.0, "no gradient for {name}");
+            let m: std::collections::HashMap<_, _> = t.score(&b)?.metrics().into_iter().collect();
+            assert!(
+                m.contains_key("accuracy") && m.contains_key("cosine"),
+                "{m:?}"
+            );
+        }
+        losses.push(loss.task.expect("task loss").to_scalar::<f32>()?);
+    }
+    // The same variables (one seed) give the same cross-entropy; the difference is 0.5 (1 - cos).
+    let term = (losses[1] - losses[0]) / 0.5;
+    assert!(term > 0.0 && term < 2.0, "{losses:?}");
     Ok(())
 }
