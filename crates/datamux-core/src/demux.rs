@@ -66,6 +66,13 @@ pub struct Config {
     /// Dropout before the per-slot MLPs of `mlp` (the reference's 0.1).
     pub dropout: f64,
     pub layer_norm_eps: f64,
+    /// `index` and `rsa`: add the encoder's hidden state to the slot's output before the
+    /// LayerNorm, `LN(h + f(slot, h))`, so that the demultiplexer starts near the identity: a
+    /// pretrained encoder's features reach the head as they are at N = 1, and what is learned
+    /// is each slot's correction (docs/pretrained.md). Off (the reference) by default, and
+    /// then left out of the settings.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub residual: bool,
 }
 
 impl Default for Config {
@@ -74,6 +81,7 @@ impl Default for Config {
             kind: DemuxKind::Index, // the paper's main choice
             dropout: 0.1,           // the reference's `mlp` demux dropout
             layer_norm_eps: 1e-5,   // RoBERTa's
+            residual: false,
         }
     }
 }
@@ -181,6 +189,7 @@ pub struct Demux {
     kind: DemuxKind,
     n: usize,
     d: usize,
+    residual: bool,
     inner: Inner,
 }
 
@@ -240,10 +249,14 @@ impl Demux {
                 norm: LayerNorm::new(d, eps, vb.pp("layer_norm"))?,
             },
         };
+        if cfg.residual && cfg.kind == DemuxKind::Mlp {
+            candle_core::bail!("demux residual is for index and rsa, not mlp");
+        }
         Ok(Self {
             kind: cfg.kind,
             n,
             d,
+            residual: cfg.residual,
             inner,
         })
     }
@@ -299,7 +312,7 @@ impl Demux {
                 let z = (layers::expand_dim(&a.unsqueeze(2)?, 2, l)?
                     + layers::expand_dim(&c.unsqueeze(1)?, 1, n)?)?
                 .gelu_erf()?;
-                norm.forward_t(&z, train)
+                norm.forward_t(&self.plus_input(z, &hs, n)?, train)
             }
             Inner::Mlp {
                 weight,
@@ -332,9 +345,18 @@ impl Demux {
                 let z = layers::add_trailing(&layers::expand_dim(&c.unsqueeze(1)?, 1, n)?, &a)?
                     .gelu_erf()?;
                 let z = z.apply(dense2)?;
-                norm.forward_t(&z, train)
+                norm.forward_t(&self.plus_input(z, &hs, n)?, train)
             }
         }
+    }
+
+    /// `z + h` for the residual demultiplexer: `(B, N, L', D)` slot outputs and the `(B, L', D)`
+    /// hidden states they were read from; `z` unchanged otherwise.
+    fn plus_input(&self, z: Tensor, hs: &Tensor, n: usize) -> Result<Tensor> {
+        if !self.residual {
+            return Ok(z);
+        }
+        z + layers::expand_dim(&hs.unsqueeze(1)?, 1, n)? // (B, 1, L', D) -> (B, N, L', D)
     }
 
     /// Demultiplex chosen (position, slot) pairs only: `(B, T, D)` and K pairs -> `(K, D)`.
@@ -350,7 +372,7 @@ impl Demux {
                 let p = flat.index_select(&pairs.slot_rows, 0)?; // (K, D)
                 let z = (p.matmul(&w_prefix.t()?)? + hs.matmul(&w_pos.t()?)?)?;
                 let z = broadcast_bias(&z, dense.bias())?.gelu_erf()?;
-                norm.forward_t(&z, train)
+                norm.forward_t(&if self.residual { (z + &hs)? } else { z }, train)
             }
             Inner::Mlp {
                 weight,
@@ -382,8 +404,10 @@ impl Demux {
                 let (w_key, w_pos) = split_halves(dense1.weight(), d)?;
                 let kv = keys.index_select(&pairs.slots, 0)?; // (K, D)
                 let z = (kv.matmul(&w_key.t()?)? + hs.matmul(&w_pos.t()?)?)?;
-                let z = broadcast_bias(&z, dense1.bias())?.gelu_erf()?;
-                norm.forward_t(&z.apply(dense2)?, train)
+                let z = broadcast_bias(&z, dense1.bias())?
+                    .gelu_erf()?
+                    .apply(dense2)?;
+                norm.forward_t(&if self.residual { (z + &hs)? } else { z }, train)
             }
         }
     }
@@ -456,7 +480,7 @@ fn broadcast_bias(xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn growing_the_index_table_keeps_markers_filler_and_summary() -> Result<()> {
@@ -486,6 +510,56 @@ mod tests {
         assert_eq!(got.dims(), &[3, 4, 6]);
         let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    /// The residual demultiplexer: every (slot, position) of `forward_t` equals `forward_pairs`
+    /// on that pair (index and rsa), and at initialisation the output stays close to the
+    /// normalised hidden state, where the plain one does not.
+    #[test]
+    fn residual_demux_starts_near_the_identity_and_pairs_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, n, l, d) = (2, 3, 5, 24);
+        let p = n + 1; // the index prefix: N markers and the summary slot
+        let encoded = Tensor::randn(0f32, 1.0, (b, p + l, d), &dev)?;
+        let cos = |x: &Tensor, y: &Tensor| -> Result<f32> {
+            let dot = (x * y)?.sum_all()?.to_scalar::<f32>()?;
+            let nx = x.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+            let ny = y.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+            Ok(dot / (nx * ny))
+        };
+        let h = layers::normalize(&encoded.narrow(1, p, l)?, 1e-5)?; // (B, L, D)
+        for kind in [DemuxKind::Index, DemuxKind::Rsa] {
+            let mut near = Vec::new();
+            for residual in [false, true] {
+                let map = crate::SeededVarMap::new(3);
+                let cfg = Config {
+                    residual,
+                    ..Config::with_kind(kind)
+                };
+                let demux = Demux::new(&cfg, n, d, map.var_builder(DType::F32, &dev))?;
+                let z = demux.forward_t(&encoded, p, Positions::Tokens, false)?; // (B, N, L, D)
+                near.push(cos(&z.narrow(1, 1, 1)?.squeeze(1)?, &h)?);
+                // Pair (b = 1, position 2, slot 2).
+                let row = (p + 2) as u32;
+                let pairs = Pairs {
+                    rows: Tensor::new(&[(p + l) as u32 + row], &dev)?,
+                    slots: Tensor::new(&[2u32], &dev)?,
+                    slot_rows: Tensor::new(&[(p + l) as u32 + 2], &dev)?,
+                };
+                let one = demux.forward_pairs(&encoded, &pairs, false)?; // (1, D)
+                let want = z.get(1)?.get(2)?.get(2)?.unsqueeze(0)?;
+                let diff = (one - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    diff < 1e-5,
+                    "{kind:?} residual {residual}: pairs differ by {diff}"
+                );
+            }
+            assert!(
+                near[1] > 0.8 && near[1] > near[0] + 0.2,
+                "{kind:?}: {near:?}"
+            );
+        }
         Ok(())
     }
 }

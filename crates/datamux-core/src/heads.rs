@@ -38,21 +38,23 @@ impl SequenceHead {
     }
 }
 
-/// An instance embedding: `e = E·z + e₀` on one position per instance, the embedding tasks'
-/// head (a cosine loss to a target embedding).
+/// An instance embedding: `e = z + E·z + e₀` on one position per instance, the embedding
+/// tasks' head (a cosine loss to a target embedding). The residual makes it start near the
+/// identity (`E` is small at initialisation), so that a readout which already is the
+/// embedding, a pretrained encoder's mean at N = 1, starts at its target.
 #[derive(Clone, Debug)]
 pub struct EmbeddingHead {
     out: Linear,
 }
 
 impl EmbeddingHead {
-    pub fn new(d: usize, out: usize, vb: VarBuilder<'_>) -> Result<Self> {
+    pub fn new(d: usize, vb: VarBuilder<'_>) -> Result<Self> {
         Ok(Self {
-            out: layers::linear(d, out, vb.pp("embedding"))?,
+            out: layers::linear(d, d, vb.pp("embedding"))?,
         })
     }
 
-    /// `(B, N, 1, D) -> (B·N, D_out)`.
+    /// `(B, N, 1, D) -> (B·N, D)`.
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let (b, n, l, d) = z.dims4()?;
         if l != 1 {
@@ -61,7 +63,8 @@ impl EmbeddingHead {
                 z.shape()
             );
         }
-        z.reshape((b * n, d))?.apply(&self.out) // (B, N, 1, D) -> (B·N, D) -> (B·N, D_out)
+        let z = z.reshape((b * n, d))?; // (B, N, 1, D) -> (B·N, D)
+        z.apply(&self.out)? + z
     }
 }
 

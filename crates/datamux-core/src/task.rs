@@ -239,6 +239,10 @@ pub trait Task {
     fn score(&self, batch: &Self::Batch) -> Result<Score>;
     /// Inference only: the task logits, without the retrieval head or any loss.
     fn predict(&self, batch: &Self::Batch) -> Result<Tensor>;
+    /// The learning rate of the parameter `name` over the stage's (all 1 by default).
+    fn lr_scale(&self, _name: &str) -> f64 {
+        1.0
+    }
     /// The validation metric that selects the best checkpoint.
     fn selection_metric(&self) -> &'static str {
         "accuracy"

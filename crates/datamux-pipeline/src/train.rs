@@ -116,6 +116,11 @@ pub fn train<T: Task>(
         ..ParamsAdamW::default()
     };
     let mut opt = AdamW::new(vars.clone(), params)?;
+    let scales: HashMap<_, f64> = named
+        .iter()
+        .map(|(n, v)| (v.as_tensor().id(), task.lr_scale(n)))
+        .collect();
+    opt.scale_lr(|v| scales.get(&v.as_tensor().id()).copied().unwrap_or(1.0));
     let shuffle = TrainStream::new(
         task.len(train),
         rng_for(s.seed, &format!("{}.shuffle", s.stage)),

@@ -103,10 +103,19 @@ pub struct Config {
     /// instance. 0 (the default, left out of the settings) turns it off.
     #[serde(skip_serializing_if = "is_zero")]
     pub embedding_weight: f64,
+    /// With `pretrained`, in fine-tuning: the learning rate of every parameter the checkpoint
+    /// does not provide (mux, demux and prefix, heads, retrieval) over the stage's `lr`; the
+    /// loaded encoder keeps `lr`. 1 (the default, left out of the settings) is one rate for all.
+    #[serde(skip_serializing_if = "is_one")]
+    pub fresh_lr_scale: f64,
 }
 
 fn is_zero(x: &f64) -> bool {
     *x == 0.0
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
 }
 
 impl Default for Config {
@@ -127,6 +136,7 @@ impl Default for Config {
             revision: None,
             objective: Objective::Classify,
             embedding_weight: 0.0,
+            fresh_lr_scale: 1.0,
         }
     }
 }
@@ -192,6 +202,13 @@ impl Config {
             (None, _, Some(rev)) => Err(format!("revision \"{rev}\" is set without pretrained")),
             _ if !(self.embedding_weight >= 0.0 && self.embedding_weight.is_finite()) => Err(
                 format!("embedding_weight must be >= 0, got {}", self.embedding_weight),
+            ),
+            _ if !(self.fresh_lr_scale > 0.0 && self.fresh_lr_scale.is_finite()) => Err(format!(
+                "fresh_lr_scale must be > 0, got {}",
+                self.fresh_lr_scale
+            )),
+            (None, _, _) if self.fresh_lr_scale != 1.0 => Err(
+                "fresh_lr_scale needs pretrained: without a checkpoint every parameter is fresh".into(),
             ),
             (None, _, _) if self.embedding_weight > 0.0 => Err(
                 "embedding_weight needs pretrained: its targets are the pretrained model's own embeddings"

@@ -60,6 +60,8 @@ pub fn warmup_run(run: &RunConfig) -> Result<RunConfig> {
     // classification head, [`class_head`], whatever the objective).
     text.embedding_weight = 0.0;
     text.objective = Objective::Classify;
+    // A fine-tuning setting (docs/pretrained.md).
+    text.fresh_lr_scale = 1.0;
     if let Some(p) = run.warmup.dropout {
         let mut enc = text.encoder();
         enc.hidden_dropout_prob = p;

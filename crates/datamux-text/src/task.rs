@@ -229,6 +229,8 @@ pub struct TextTask {
     readout: SentenceReadout,
     /// `embedding_weight`: the distillation head and the term's weight (sentence tasks).
     distill: Option<(EmbeddingHead, f64)>,
+    /// With a pretrained checkpoint, the learning rate scale of what it does not provide.
+    fresh_lr_scale: Option<f64>,
     label_names: Vec<String>,
     pad_id: u32,
     n: usize,
@@ -297,11 +299,11 @@ impl TextTask {
         let head = match head {
             HeadKind::Sentence => Head::Sentence(SequenceHead::new(d, classes, vb.pp("head"))?),
             HeadKind::Token => Head::Token(TokenHead::new(d, classes, vb.pp("head"))?),
-            HeadKind::Embedding => Head::Embedding(EmbeddingHead::new(d, d, vb.pp("head"))?),
+            HeadKind::Embedding => Head::Embedding(EmbeddingHead::new(d, vb.pp("head"))?),
         };
         let distill = match &head {
             Head::Sentence(_) if cfg.embedding_weight > 0.0 => Some((
-                EmbeddingHead::new(d, d, vb.pp("head").pp("distill"))?,
+                EmbeddingHead::new(d, vb.pp("head").pp("distill"))?,
                 cfg.embedding_weight,
             )),
             _ => None,
@@ -319,6 +321,7 @@ impl TextTask {
             retrieval_fraction: cfg.retrieval_fraction,
             readout: cfg.sentence_readout,
             distill,
+            fresh_lr_scale: pretrained.map(|_| cfg.fresh_lr_scale),
             label_names: label_names.to_vec(),
             pad_id,
             n: mux.n_instances,
@@ -564,6 +567,13 @@ impl Task for TextTask {
 
     fn predict(&self, batch: &TextBatch) -> Result<Tensor> {
         Ok(self.logits(batch, false, false)?.1)
+    }
+
+    fn lr_scale(&self, name: &str) -> f64 {
+        match self.fresh_lr_scale {
+            Some(s) if crate::pretrained::bert_name(name).is_none() => s,
+            _ => 1.0,
+        }
     }
 
     fn selection_metric(&self) -> &'static str {

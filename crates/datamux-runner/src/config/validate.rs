@@ -96,6 +96,10 @@ pub fn validate(run: &RunConfig, modality: &dyn Modality, catalogue: &Catalogue)
         run.speed.rows_per_call != Some(0),
         "speed.rows_per_call must be at least 1"
     );
+    ensure!(
+        !(m.demux.residual && m.demux.kind == DemuxKind::Mlp),
+        "demux residual is for the index and rsa demultiplexers, not mlp"
+    );
     if !modality.has_warmup() {
         ensure!(
             run.warmup == WarmupConfig::default(),
