@@ -9,6 +9,7 @@
 //! the same frontend and encoder (`model.text.pretrained`), without touching the tasks.
 
 pub mod config;
+pub mod data;
 pub mod embeddings;
 pub mod frontend;
 pub mod metrics;
