@@ -26,16 +26,22 @@ impl SequenceHead {
 
     /// `(B, N, 1, D) -> (B·N, C)`; row `b·N + i` belongs to instance i of muxed row b.
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        let (b, n, l, d) = z.dims4()?;
-        if l != 1 {
-            candle_core::bail!(
-                "sequence head expects one position per instance, got {:?}",
-                z.shape()
-            );
-        }
-        let z = z.reshape((b * n, d))?; // (B·N, D)
+        let z = one_per_instance(z, "sequence")?; // (B·N, D)
         z.apply(&self.dense)?.gelu_erf()?.apply(&self.out)
     }
+}
+
+/// `(B, N, 1, D) -> (B·N, D)` for a head that reads one position per instance; another `L` is
+/// an error naming the `head`.
+fn one_per_instance(z: &Tensor, head: &str) -> Result<Tensor> {
+    let (b, n, l, d) = z.dims4()?;
+    if l != 1 {
+        candle_core::bail!(
+            "{head} head expects one position per instance, got {:?}",
+            z.shape()
+        );
+    }
+    z.reshape((b * n, d))
 }
 
 /// An instance embedding: `e = z + E·z + e₀` on one position per instance, the embedding
@@ -56,14 +62,7 @@ impl EmbeddingHead {
 
     /// `(B, N, 1, D) -> (B·N, D)`.
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        let (b, n, l, d) = z.dims4()?;
-        if l != 1 {
-            candle_core::bail!(
-                "embedding head expects one position per instance, got {:?}",
-                z.shape()
-            );
-        }
-        let z = z.reshape((b * n, d))?; // (B, N, 1, D) -> (B·N, D)
+        let z = one_per_instance(z, "embedding")?; // (B·N, D)
         z.apply(&self.out)? + z
     }
 }

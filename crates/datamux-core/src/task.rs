@@ -252,13 +252,18 @@ pub trait Task {
 /// Mean cross-entropy over the real rows of `(B·N, C)` logits; dummy rows are removed before
 /// the loss, so neither their labels nor their predictions can change it.
 pub fn real_cross_entropy(logits: &Tensor, labels: &[u32], real: &[bool]) -> Result<Tensor> {
+    let (keep, idx) = real_rows(real, logits.device())?;
+    let kept_labels: Vec<u32> = keep.iter().map(|i| labels[*i as usize]).collect();
+    crate::fused::cross_entropy(&logits.index_select(&idx, 0)?, &kept_labels)
+}
+
+/// The indices of the real rows, as a list and as a `(R)` tensor for `index_select`.
+fn real_rows(real: &[bool], dev: &candle_core::Device) -> Result<(Vec<u32>, Tensor)> {
     let keep: Vec<u32> = (0..real.len() as u32)
         .filter(|i| real[*i as usize])
         .collect();
-    let dev = logits.device();
     let idx = Tensor::from_slice(&keep, keep.len(), dev)?;
-    let kept_labels: Vec<u32> = keep.iter().map(|i| labels[*i as usize]).collect();
-    crate::fused::cross_entropy(&logits.index_select(&idx, 0)?, &kept_labels)
+    Ok((keep, idx))
 }
 
 /// Per-slot accuracy counts of `(B·N, C)` logits over the real rows; row `r` is slot `r % N`.
@@ -280,10 +285,7 @@ pub fn slot_counts(logits: &Tensor, labels: &[u32], real: &[bool], n: usize) -> 
 /// plain tensor ops so that every input receives a gradient. The norms are floored at 1e-6 so
 /// an all-zero row (a fresh head's output can be one) gives a finite gradient.
 pub fn real_cosine_loss(predicted: &Tensor, target: &Tensor, real: &[bool]) -> Result<Tensor> {
-    let keep: Vec<u32> = (0..real.len() as u32)
-        .filter(|i| real[*i as usize])
-        .collect();
-    let idx = Tensor::from_slice(&keep, keep.len(), predicted.device())?;
+    let (_, idx) = real_rows(real, predicted.device())?;
     let (p, t) = (
         predicted.index_select(&idx, 0)?,
         target.index_select(&idx, 0)?,

@@ -178,11 +178,25 @@ pub fn class_head(split: &Split) -> HeadKind {
     }
 }
 
-/// A split as the run's objective reads it: [`text_data`] to classify; to embed, its text
-/// (every sentence, or each word sequence joined). Both with the pretrained model's N = 1
-/// embedding of every example where the run uses them (the embedding objective, or
-/// `embedding_weight` beside a sentence task), computed once and cached under
-/// `<cache>/embeddings/`.
+/// A split as the run's objective reads it, without embedding targets: [`text_data`] to
+/// classify; to embed, its text (every sentence, or each word sequence joined). What inference
+/// needs (the speed points).
+pub fn objective_data(
+    run: &RunConfig,
+    split: &Split,
+    tk: &TextTokenizer,
+) -> Result<(TextData, HeadKind)> {
+    if settings(run)?.objective == Objective::Classify {
+        return text_data(split, tk);
+    }
+    let s = SentenceData::corpus(tk, &text_lines(split))
+        .with_context(|| format!("dataset `{}` split `{}`", split.dataset, split.split))?;
+    Ok((TextData::Embeddings(s), HeadKind::Embedding))
+}
+
+/// [`objective_data`] with the pretrained model's N = 1 embedding of every example where the
+/// run trains on them (the embedding objective, or `embedding_weight` beside a sentence task),
+/// computed once and cached under `<cache>/embeddings/`.
 pub fn task_data(
     run: &RunConfig,
     split: &Split,
@@ -190,27 +204,21 @@ pub fn task_data(
     pretrained: Option<&Pretrained>,
     ctx: &mut Context<'_>,
 ) -> Result<(TextData, HeadKind)> {
+    let (mut data, head) = objective_data(run, split, tk)?;
     let cfg = settings(run)?;
-    let embed = cfg.objective == Objective::Embed;
-    if !embed && cfg.embedding_weight == 0.0 {
-        return text_data(split, tk);
+    if cfg.objective == Objective::Classify && cfg.embedding_weight == 0.0 {
+        return Ok((data, head));
     }
     let Some(pre) = pretrained else {
         bail!("the N = 1 embedding targets need model.text.pretrained");
     };
-    let where_ = || format!("dataset `{}` split `{}`", split.dataset, split.split);
-    let (mut sentences, head) = if embed {
-        let lines = text_lines(split);
-        let s = SentenceData::corpus(tk, &lines).with_context(where_)?;
-        (s, HeadKind::Embedding)
-    } else {
-        match text_data(split, tk)? {
-            (TextData::Sentences(s), head) => (s, head),
-            _ => bail!(
-                "embedding_weight needs a sentence task; {} is token classification",
-                where_()
-            ),
-        }
+    let sentences = match &mut data {
+        TextData::Sentences(s) | TextData::Embeddings(s) => s,
+        TextData::Tokens(_) => bail!(
+            "embedding_weight needs a sentence task; dataset `{}` split `{}` is token classification",
+            split.dataset,
+            split.split
+        ),
     };
     let path = embeddings::cache_path(
         &ctx.env.cache_dir,
@@ -223,11 +231,6 @@ pub fn task_data(
     sentences.targets = embeddings::targets(pre, &sentences.ids, tk.pad_id, &path, |pos, len| {
         ctx.tick(Stage::Prepare, pos, len, what.as_str())
     })?;
-    let data = if embed {
-        TextData::Embeddings(sentences)
-    } else {
-        TextData::Sentences(sentences)
-    };
     Ok((data, head))
 }
 
@@ -386,7 +389,8 @@ impl Modality for Text {
     fn speed(&self, run: &RunConfig, s: &Splits, ctx: &mut Context<'_>) -> Result<SpeedPoint> {
         let pre = pretrained(run, ctx.env)?;
         let tk = tokenizer(run, &ctx.env.cache_dir, &s.train, pre.as_ref())?;
-        let (data, head) = task_data(run, &s.test, &tk, pre.as_ref(), ctx)?;
+        // Inference reads no targets, so none are computed for the speed points.
+        let (data, head) = objective_data(run, &s.test, &tk)?;
         let map = SeededVarMap::new(run.seed);
         let labels = &s.test.label_names;
         let mut task = text_task(run, head, labels, &tk, (1.0, 0.0), &map, pre.as_ref())?;

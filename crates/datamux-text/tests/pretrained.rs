@@ -152,13 +152,6 @@ fn max_diff_real(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
         .unwrap()
 }
 
-/// Mean pooling over the mask, `(B, L, D)` -> `(B, D)` (sentence-transformers' pooling).
-fn mean_pool(h: &Tensor, mask: &Tensor) -> Tensor {
-    let m = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap(); // (B, L, 1)
-    let sum = h.broadcast_mul(&m).unwrap().sum(1).unwrap();
-    sum.broadcast_div(&m.sum(1).unwrap()).unwrap()
-}
-
 fn compare_with_candle_transformers(pre: &Pretrained, max_length: usize, tol: f32) -> TestResult {
     let map = SeededVarMap::new(7);
     let (t, tk) = task(pre, 1, max_length, &map);
@@ -233,7 +226,8 @@ fn minilm_reproduces_the_reference_values() -> TestResult {
     ];
     let (ids, tensor, mask) = encode(&tk, &texts);
     assert_eq!(ids[0], [101, 1037, 2158, 2003, 2652, 1037, 2858, 1012, 102]);
-    let emb = mean_pool(&ours(&t, &tensor, &mask)?, &mask).to_vec2::<f32>()?;
+    let emb =
+        datamux_text::embeddings::mean_pool(&ours(&t, &tensor, &mask)?, &mask)?.to_vec2::<f32>()?;
     let expected = [0.10676f32, -0.02397, -0.04755, -0.31245, -0.82542, 0.02305];
     for (i, (got, want)) in emb[0].iter().zip(expected).enumerate() {
         assert!(
