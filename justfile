@@ -15,10 +15,15 @@ test:
 check:
     cargo fmt --all --check && cargo clippy --workspace --all-targets --release -- -D warnings
 
-# Run the experiment grid at a profile (quick: ~30 min on 2 cores; standard: hours) into
-# results/ (quick) or results/<profile>/ (the others): one profile per table.
+# Run the experiment grid at a profile (quick: ~30 min on 2 cores; standard: hours) into the
+# working folder reproduced/<profile>/ (ignored by git; resumable), then compare every point with
+# the published tables (results/ for quick, results/<profile>/ for the others). Exit codes: README.
 reproduce profile="quick":
-    cargo run --release -p datamux-runner -- run experiments/ --profile {{profile}} --out {{ if profile == "quick" { "results/" } else { "results/" + profile + "/" } }}
+    cargo run --release -p datamux-runner -- run experiments/ --profile {{profile}} --out reproduced/{{profile}} --compare-with results/
+
+# Publish a finished working folder into results/: each of its points replaces the published one.
+publish profile="quick":
+    cargo run --release -p datamux-runner -- publish reproduced/{{profile}} --to results/
 
 # Every experiment at its tiny `smoke` profile, into a temporary folder, tables checked.
 smoke:

@@ -4,6 +4,10 @@
 //! `datamux-pipeline`. The binary (`main.rs`) is a thin clap layer over this library, which the
 //! integration tests drive directly.
 
+// First: its `table!` macro declares the tables of the modules below.
+#[macro_use]
+pub mod results;
+
 pub mod bench;
 pub mod comparison;
 pub mod config;
@@ -11,5 +15,5 @@ pub mod job;
 pub mod provenance;
 pub mod registry;
 pub mod report;
-pub mod results;
+pub mod reproduce;
 pub mod sweep;

@@ -8,19 +8,27 @@ use clap::{Parser, Subcommand, ValueEnum};
 use datamux_data::Catalogue;
 use datamux_pipeline::{Env, SpeedConfig, Tick};
 use datamux_runner::job::Job;
-use datamux_runner::sweep::{self, Message, Plan};
-use datamux_runner::{config, report};
+use datamux_runner::sweep::{self, Message, Outcome, Plan};
+use datamux_runner::{config, report, reproduce};
 
 // Allocation dominates small training steps; mimalloc cut one by ~35 % here (house-style §2.14),
 // and keeping freed memory (`main`) saves re-zeroing it (docs/performance.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// What `datamux` exits with (also in the README).
+const EXIT_CODES: &str = "Exit codes: 0 = every run of the plan finished and every [[expect]] held; \
+1 = a run failed, an expectation was missed or matched no row, a reproduced point is outside \
+its tolerance, or nothing could run at all; 2 = a bad command line or experiment file (or \
+another error before any run); 3 = everything that could run ran and held, but some datasets \
+were unavailable.";
+
 #[derive(Parser)]
 #[command(
     name = "datamux",
     version,
-    about = "Data multiplexing experiments: train, time, report"
+    about = "Data multiplexing experiments: train, time, report",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -61,14 +69,22 @@ struct DataArgs {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run experiment files (or folders of them) and write results/<experiment>/.
+    #[command(after_help = EXIT_CODES)]
     Run {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
         /// quick (the default, CPU minutes), standard (CPU hours), paper (GPU sizes), smoke.
         #[arg(long, default_value = "quick")]
         profile: String,
-        #[arg(long, default_value = "results")]
-        out: PathBuf,
+        /// The working folder of the tables (default: reproduced/<profile>/, ignored by git;
+        /// `datamux publish` copies a finished one into results/).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Compare every point with the published tables under this folder (results/:
+        /// results/<experiment>/ for quick, results/<profile>/<experiment>/ for the others);
+        /// a point outside its tolerance exits 1.
+        #[arg(long)]
+        compare_with: Option<PathBuf>,
         /// Training runs side by side (default: one per core).
         #[arg(long)]
         jobs: Option<usize>,
@@ -86,6 +102,14 @@ enum Cmd {
         no_report: bool,
         #[command(flatten)]
         data: DataArgs,
+    },
+    /// Publish a finished working folder (reproduced/<profile>/) into results/: each of its
+    /// points replaces the published rows of that point whole; the other points stay.
+    Publish {
+        /// The working folder, e.g. reproduced/quick.
+        from: PathBuf,
+        #[arg(long, default_value = "results")]
+        to: PathBuf,
     },
     /// Run every experiment at its `smoke` profile into a temporary folder and check the tables.
     Verify {
@@ -194,8 +218,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match real_main() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             // One line: the error and its causes.
             eprintln!("error: {}", format!("{e:#}").replace('\n', " | "));
@@ -204,13 +227,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn real_main() -> Result<bool> {
+fn real_main() -> Result<u8> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Run {
             paths,
             profile,
             out,
+            compare_with,
             jobs,
             threads,
             overrides,
@@ -227,6 +251,7 @@ fn real_main() -> Result<bool> {
             let cores = std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1);
+            let out = out.unwrap_or_else(|| PathBuf::from("reproduced").join(&profile));
             let plan = Plan {
                 experiments,
                 out_dir: out.clone(),
@@ -237,14 +262,18 @@ fn real_main() -> Result<bool> {
                 command: command_line(),
                 worker_exe: std::env::current_exe().context("cannot find the datamux binary")?,
             };
-            let ok = sweep::run(&plan)?;
+            let mut outcome = sweep::run(&plan)?;
+            if let Some(published) = &compare_with {
+                outcome.outside = reproduce::compare_plan(&plan.experiments, &out, published)?;
+            }
             if !no_report {
                 for p in report::write_reports(&out, &format!("datamux report {}", out.display()))?
                 {
                     eprintln!("wrote {}", p.display());
                 }
             }
-            Ok(ok)
+            eprintln!("{}", outcome.summary());
+            Ok(outcome.code())
         }
         Cmd::Verify { paths, data } => {
             let experiments = sweep::load_experiments(&paths, "smoke", &[], &catalogue(&data)?)?;
@@ -264,14 +293,14 @@ fn real_main() -> Result<bool> {
                 command: command_line(),
                 worker_exe: std::env::current_exe().context("cannot find the datamux binary")?,
             };
-            let ok = sweep::run(&plan)?;
+            let outcome = sweep::run(&plan)?;
             report::write_reports(&tmp, "datamux verify")?;
             eprintln!(
                 "verify: {} (tables in {})",
-                if ok { "ok" } else { "FAILED" },
+                outcome.summary(),
                 tmp.display()
             );
-            Ok(ok)
+            Ok(outcome.code())
         }
         Cmd::Check {
             paths,
@@ -286,7 +315,7 @@ fn real_main() -> Result<bool> {
                     e.profile
                 );
             }
-            Ok(true)
+            Ok(Outcome::SUCCESS)
         }
         Cmd::Bench {
             sizes,
@@ -345,17 +374,26 @@ fn real_main() -> Result<bool> {
                 &out.join("bench"),
                 &format!("datamux report {}", out.join("bench").display()),
             )?;
-            Ok(true)
+            Ok(Outcome::SUCCESS)
+        }
+        Cmd::Publish { from, to } => {
+            let dirs = reproduce::publish(&from, &to)?;
+            for dir in &dirs {
+                for p in report::write_reports(dir, &format!("datamux report {}", dir.display()))? {
+                    println!("wrote {}", p.display());
+                }
+            }
+            Ok(Outcome::SUCCESS)
         }
         Cmd::Report { root } => {
             for p in report::write_reports(&root, &format!("datamux report {}", root.display()))? {
                 println!("wrote {}", p.display());
             }
-            Ok(true)
+            Ok(Outcome::SUCCESS)
         }
         Cmd::Show { path, rows } => {
             println!("{}", report::show(&path, rows)?);
-            Ok(true)
+            Ok(Outcome::SUCCESS)
         }
         Cmd::Worker { spec } => {
             let text = std::fs::read_to_string(&spec)
@@ -369,7 +407,7 @@ fn real_main() -> Result<bool> {
             let mut report = |t: Tick| emit(&Message::Tick(t));
             let result = datamux_runner::job::execute(&job, &env, &mut report);
             emit(&Message::Done(Box::new(result)));
-            Ok(true)
+            Ok(Outcome::SUCCESS)
         }
     }
 }

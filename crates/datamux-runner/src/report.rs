@@ -230,6 +230,7 @@ pub fn render(dir: &Path, command: &str) -> Result<String> {
     let others = crate::comparison::load(dir, split)?;
     let (beside, compared_curves) = crate::comparison::section(&acc, split, &others);
     md += &beside;
+    md += &crate::reproduce::section(dir, split)?;
     let failed: Vec<&AccuracyRow> = acc.iter().filter(|r| r.id.status != Status::Ok).collect();
     if !failed.is_empty() {
         md += "\nRuns without results:\n\n| run | status | reason |\n|---|---|---|\n";

@@ -197,37 +197,37 @@ macro_rules! table {
             $( $(#[$fmeta])* pub $field: $ty, )*
         }
 
-        impl Columns for $name {
-            fn schema(out: &mut Vec<(&'static str, Col)>) {
-                $( <$ty as Part>::schema(stringify!($field), out); )*
+        impl $crate::results::Columns for $name {
+            fn schema(out: &mut Vec<(&'static str, $crate::results::Col)>) {
+                $( <$ty as $crate::results::Part>::schema(stringify!($field), out); )*
             }
-            fn columns(rows: Vec<&Self>, out: &mut Vec<Column>) {
-                $( <$ty as Part>::columns(
+            fn columns(rows: Vec<&Self>, out: &mut Vec<::polars::prelude::Column>) {
+                $( <$ty as $crate::results::Part>::columns(
                     stringify!($field),
                     rows.iter().map(|r| &r.$field).collect(),
                     out,
                 ); )*
             }
-            fn read(df: &DataFrame) -> Result<Vec<Self>> {
-                $( let mut $field = <$ty as Part>::read(stringify!($field), df)?.into_iter(); )*
-                (0..df.height())
-                    .map(|_| {
-                        Some(Self { $( $field: $field.next()?, )* })
-                    })
-                    .collect::<Option<Vec<_>>>()
-                    .context("a column is shorter than the table")
+            fn read(df: &::polars::prelude::DataFrame) -> ::anyhow::Result<Vec<Self>> {
+                $( let mut $field = <$ty as $crate::results::Part>::read(stringify!($field), df)?.into_iter(); )*
+                ::anyhow::Context::context(
+                    (0..df.height())
+                        .map(|_| Some(Self { $( $field: $field.next()?, )* }))
+                        .collect::<Option<Vec<_>>>(),
+                    "a column is shorter than the table",
+                )
             }
         }
 
-        impl Part for $name {
-            fn schema(_: &'static str, out: &mut Vec<(&'static str, Col)>) {
-                <Self as Columns>::schema(out)
+        impl $crate::results::Part for $name {
+            fn schema(_: &'static str, out: &mut Vec<(&'static str, $crate::results::Col)>) {
+                <Self as $crate::results::Columns>::schema(out)
             }
-            fn columns(_: &'static str, values: Vec<&Self>, out: &mut Vec<Column>) {
-                <Self as Columns>::columns(values, out)
+            fn columns(_: &'static str, values: Vec<&Self>, out: &mut Vec<::polars::prelude::Column>) {
+                <Self as $crate::results::Columns>::columns(values, out)
             }
-            fn read(_: &'static str, df: &DataFrame) -> Result<Vec<Self>> {
-                <Self as Columns>::read(df)
+            fn read(_: &'static str, df: &::polars::prelude::DataFrame) -> ::anyhow::Result<Vec<Self>> {
+                <Self as $crate::results::Columns>::read(df)
             }
         }
     };
@@ -385,7 +385,7 @@ impl Row for SpeedRow {
 }
 
 /// Write `rows` to `path` atomically (temporary file, then rename).
-pub fn write_table<R: Row>(path: &Path, rows: &[R]) -> Result<()> {
+pub fn write_table<R: Columns>(path: &Path, rows: &[R]) -> Result<()> {
     let mut columns = Vec::new();
     R::columns(rows.iter().collect(), &mut columns);
     let mut df = DataFrame::new_infer_height(columns)?;
@@ -404,7 +404,7 @@ pub fn write_table<R: Row>(path: &Path, rows: &[R]) -> Result<()> {
 
 /// Read a table written by [`write_table`]; a missing file is an empty table. Columns are found
 /// by name, so tables written with another column order read the same.
-pub fn read_table<R: Row>(path: &Path) -> Result<Vec<R>> {
+pub fn read_table<R: Columns>(path: &Path) -> Result<Vec<R>> {
     if !path.exists() {
         return Ok(Vec::new());
     }

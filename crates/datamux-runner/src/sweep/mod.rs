@@ -17,10 +17,10 @@ use anyhow::{Context, Result, bail};
 use datamux_data::Catalogue;
 use datamux_pipeline::Env;
 
-use crate::config::{self, Experiment, RunConfig};
+use crate::config::{self, Expect, Experiment, RunConfig};
 use crate::job::{Job, JobResult};
 use crate::registry;
-use crate::results::{self, AccuracyRow, SpeedRow, Status};
+use crate::results::{self, AccuracyRow, Identity, SpeedRow, Status};
 
 pub use workers::Message;
 
@@ -153,8 +153,8 @@ fn speed_runs(exp: &Experiment) -> Vec<RunConfig> {
         .collect()
 }
 
-/// Run every experiment of the plan; returns whether every row is ok and every expectation met.
-pub fn run(plan: &Plan) -> Result<bool> {
+/// Run every experiment of the plan; the outcome counts its runs and missed expectations.
+pub fn run(plan: &Plan) -> Result<Outcome> {
     let mut tables = Vec::new();
     let mut train_list = Vec::new();
     let mut speed_list = Vec::new();
@@ -237,29 +237,96 @@ pub fn run(plan: &Plan) -> Result<bool> {
     workers::run_jobs(speed_list, plan, 1, cores, "speed points", |exp, _, r| {
         tables[exp].add(r)
     })?;
-    let mut ok = true;
+    let mut outcome = Outcome::default();
     for (exp, t) in plan.experiments.iter().zip(&tables) {
         // Again at the end, when the rows of replaced runs are gone.
         write_resolved(&plan.out_dir.join(&exp.name), exp, &t.run_ids())?;
+        outcome.add(exp, &t.accuracy);
+    }
+    Ok(outcome)
+}
+
+/// How a plan ended, counted over its runs' rows: what `datamux run` exits with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Runs with results.
+    pub ok: usize,
+    /// Runs that failed.
+    pub failed: usize,
+    /// Runs whose data could not be had.
+    pub unavailable: usize,
+    /// Expectations not met, or that matched no row.
+    pub missed: usize,
+    /// Reproduced rows outside their tolerance of the published ones (`--compare-with`).
+    pub outside: usize,
+}
+
+impl Outcome {
+    /// Every run finished and every expectation held.
+    pub const SUCCESS: u8 = 0;
+    /// A run failed, an expectation was missed or matched no row, or nothing could run at all.
+    pub const FAILURE: u8 = 1;
+    /// Everything that could run ran and met its expectations, but some data was unavailable.
+    pub const UNAVAILABLE: u8 = 3;
+
+    /// Count one experiment's runs (from its rows) and expectations, printing every failed run
+    /// and every missed expectation.
+    pub fn add(&mut self, exp: &Experiment, rows: &[AccuracyRow]) {
         let ids: BTreeSet<String> = exp.runs.iter().map(RunConfig::run_id).collect();
-        let failed: Vec<&AccuracyRow> = t
-            .accuracy
-            .iter()
-            .filter(|r| ids.contains(&r.id.run_id) && r.id.status != Status::Ok)
-            .collect();
-        for r in &failed {
-            eprintln!(
-                "{}: {} {}: {}",
-                exp.name, r.id.status, r.id.run_id, r.id.error
-            );
+        let mut status: BTreeMap<&str, &AccuracyRow> = BTreeMap::new();
+        for r in rows.iter().filter(|r| ids.contains(&r.id.run_id)) {
+            status.entry(&r.id.run_id).or_insert(r);
         }
-        ok &= failed.iter().all(|r| r.id.status == Status::Unavailable);
-        for miss in check_expectations(exp, &t.accuracy) {
+        for r in status.values() {
+            match r.id.status {
+                Status::Ok => self.ok += 1,
+                Status::Error => self.failed += 1,
+                Status::Unavailable => self.unavailable += 1,
+            }
+            if r.id.status != Status::Ok {
+                eprintln!(
+                    "{}: {} {}: {}",
+                    exp.name, r.id.status, r.id.run_id, r.id.error
+                );
+            }
+        }
+        // A run of the plan without any row did not finish (interrupted): a failure.
+        self.failed += ids.len() - status.len();
+        for miss in check_expectations(exp, rows) {
             eprintln!("{}: expectation missed: {miss}", exp.name);
-            ok = false;
+            self.missed += 1;
         }
     }
-    Ok(ok)
+
+    /// One line: the counts and what the exit code means.
+    pub fn summary(&self) -> String {
+        let verdict = match self.code() {
+            Self::SUCCESS => "every run finished and every expectation held",
+            Self::UNAVAILABLE => "everything that could run ran; some data was unavailable",
+            _ if self.ok == 0 && self.failed == 0 => "nothing could run",
+            _ => "FAILED",
+        };
+        format!(
+            "{} run(s) ok, {} failed, {} unavailable; {} expectation(s) missed; {} reproduced row(s) outside tolerance: {verdict} (exit {})",
+            self.ok,
+            self.failed,
+            self.unavailable,
+            self.missed,
+            self.outside,
+            self.code()
+        )
+    }
+
+    /// The exit code (`datamux run --help`).
+    pub fn code(&self) -> u8 {
+        if self.failed > 0 || self.missed > 0 || self.outside > 0 || self.ok == 0 {
+            Self::FAILURE
+        } else if self.unavailable > 0 {
+            Self::UNAVAILABLE
+        } else {
+            Self::SUCCESS
+        }
+    }
 }
 
 /// The expectations of an experiment that its rows do not meet.
@@ -271,11 +338,7 @@ pub fn check_expectations(exp: &Experiment, rows: &[AccuracyRow]) -> Vec<String>
             .iter()
             .filter(|r| ids.contains(&r.id.run_id) && r.id.status == Status::Ok)
             .filter(|r| r.split == e.split && r.metric == e.metric)
-            .filter(|r| e.n_instances.is_none_or(|n| r.id.n_instances == n as i64))
-            .filter(|r| e.backbone.as_ref().is_none_or(|b| &r.id.backbone == b))
-            .filter(|r| e.mux.is_none_or(|m| r.id.mux == m.name()))
-            .filter(|r| e.demux.is_none_or(|d| r.id.demux == d.name()))
-            .filter(|r| e.warmup.is_none_or(|w| r.id.warmup == w))
+            .filter(|r| matches_run(e, &r.id))
             .collect();
         let what = format!(
             "{} {} >= {} (backbone {}, N {}, warm-up {})",
@@ -287,7 +350,15 @@ pub fn check_expectations(exp: &Experiment, rows: &[AccuracyRow]) -> Vec<String>
             e.warmup.map_or("any".into(), |w| w.to_string())
         );
         if hits.is_empty() {
-            // A run that could not get its data is reported as unavailable, not as a miss.
+            // A run that could not get its data is reported as unavailable, not as a miss; an
+            // expectation that no run of the plan could meet is one.
+            let unavailable = rows
+                .iter()
+                .filter(|r| ids.contains(&r.id.run_id) && r.id.status == Status::Unavailable)
+                .any(|r| matches_run(e, &r.id));
+            if !unavailable {
+                misses.push(format!("{what}: no row matches"));
+            }
             continue;
         }
         for r in hits {
@@ -297,6 +368,15 @@ pub fn check_expectations(exp: &Experiment, rows: &[AccuracyRow]) -> Vec<String>
         }
     }
     misses
+}
+
+/// Whether a row's run is one an expectation is about (N, backbone, mux, demux, warm-up).
+fn matches_run(e: &Expect, id: &Identity) -> bool {
+    e.n_instances.is_none_or(|n| id.n_instances == n as i64)
+        && e.backbone.as_ref().is_none_or(|b| &id.backbone == b)
+        && e.mux.is_none_or(|m| id.mux == m.name())
+        && e.demux.is_none_or(|d| id.demux == d.name())
+        && e.warmup.is_none_or(|w| id.warmup == w)
 }
 
 /// `resolved.toml`: the settings of every run in the folder's tables and of every run of this

@@ -1,0 +1,206 @@
+//! Published against reproduced: `datamux run --compare-with` and `datamux publish` on a tiny
+//! grid, and what `datamux run` exits with.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+
+use datamux_runner::reproduce::ComparisonRow;
+use datamux_runner::results::{self, AccuracyRow, Status};
+
+use common::{datamux, root, stderr, workspace};
+
+/// A two-point MNIST experiment on the fixture, a few steps each, with one expectation that
+/// holds (accuracy >= 0) and, when `missing`, one about an N the sweep does not have.
+fn write_experiment(dir: &Path, missing: bool) {
+    let extra = if missing {
+        "\n[[expect]]\nn_instances = 7\nmin = 0.0\n"
+    } else {
+        ""
+    };
+    std::fs::write(
+        dir.join("experiments/tiny.toml"),
+        format!(
+            r#"name = "tiny"
+modality = "vision"
+[data]
+dataset = "mnist"
+validation_holdout = 50
+[model]
+backbone = "mlp"
+mux = {{ kind = "gaussian_hadamard" }}
+demux = {{ kind = "mlp" }}
+[train]
+steps = 6
+batch_size = 8
+eval_every = 3
+[sweep]
+n_instances = [1, 2]
+[speed]
+enabled = false
+[[expect]]
+min = 0.0
+{extra}"#
+        ),
+    )
+    .unwrap();
+}
+
+/// (run, split, metric, value) of every row, sorted: the table without its timing column and
+/// its order (runs finish in any order).
+fn values(rows: &[AccuracyRow]) -> Vec<(String, String, String, String)> {
+    let mut v: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            let value = format!("{:?}", r.value);
+            (
+                r.id.run_id.clone(),
+                r.split.clone(),
+                r.metric.clone(),
+                value,
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn comparison(dir: &Path) -> Vec<ComparisonRow> {
+    results::read_table(&dir.join("tiny/comparison.parquet")).unwrap()
+}
+
+#[test]
+fn reproduce_compares_with_the_published_tables_and_publish_is_explicit() {
+    let ws = workspace();
+    let dir = ws.path();
+    write_experiment(dir, false);
+    let mirror = root().join("fixtures/mirror").display().to_string();
+    let run = |out: &str| {
+        datamux(
+            dir,
+            &[
+                "run",
+                "experiments/tiny.toml",
+                "--out",
+                out,
+                "--compare-with",
+                "published",
+                "--data-dir",
+                &mirror,
+            ],
+        )
+    };
+    // Nothing published yet: every row says so, and that is not a failure.
+    let first = run("work");
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    let rows = comparison(&dir.join("work"));
+    assert!(!rows.is_empty());
+    assert!(
+        rows.iter().all(|r| r.verdict == "not published"),
+        "{rows:?}"
+    );
+    assert!(
+        !dir.join("published").exists(),
+        "run never writes the published tables"
+    );
+
+    // Publishing copies the finished tables (the default profile, quick, sits at the top).
+    let o = datamux(dir, &["publish", "work", "--to", "published"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let published = dir.join("published/tiny/accuracy.parquet");
+    let work: Vec<AccuracyRow> =
+        results::read_table(&dir.join("work/tiny/accuracy.parquet")).unwrap();
+    let pubd: Vec<AccuracyRow> = results::read_table(&published).unwrap();
+    assert_eq!(values(&pubd), values(&work));
+    assert!(dir.join("published/tiny/README.md").is_file());
+    assert!(dir.join("published/tiny/resolved.toml").is_file());
+    let bytes = std::fs::read(&published).unwrap();
+
+    // A fresh working folder reproduces the published points bit for bit (same seed, build).
+    let again = run("work2");
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    let rows = comparison(&dir.join("work2"));
+    assert!(
+        rows.iter()
+            .all(|r| r.verdict == "within" && r.difference == 0.0),
+        "{rows:?}"
+    );
+    assert_eq!(
+        std::fs::read(&published).unwrap(),
+        bytes,
+        "published untouched"
+    );
+    let md = std::fs::read_to_string(dir.join("work2/tiny/README.md")).unwrap();
+    assert!(md.contains("## Against the published tables"), "{md}");
+
+    // A published value moved past its tolerance is a failure, named on stderr.
+    let mut moved = pubd.clone();
+    let i = moved
+        .iter()
+        .position(|r| r.split == "test" && r.metric == "accuracy")
+        .unwrap();
+    moved[i].value += 0.5;
+    results::write_table(&published, &moved).unwrap();
+    let off = run("work2");
+    let e = stderr(&off);
+    assert_eq!(off.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("outside tolerance") && e.contains("test accuracy"),
+        "{e}"
+    );
+    let rows = comparison(&dir.join("work2"));
+    assert_eq!(rows.iter().filter(|r| r.verdict == "outside").count(), 1);
+
+    // Republishing replaces the moved point whole.
+    let o = datamux(dir, &["publish", "work2", "--to", "published"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let repub: Vec<AccuracyRow> = results::read_table(&published).unwrap();
+    assert_eq!(values(&repub), values(&work));
+}
+
+#[test]
+fn exit_codes_say_what_happened() {
+    let ws = workspace();
+    let dir = ws.path();
+    let mirror = root().join("fixtures/mirror").display().to_string();
+    // An expectation that matches no row is a failure, not silence.
+    write_experiment(dir, true);
+    let args = [
+        "run",
+        "experiments/tiny.toml",
+        "--out",
+        "work",
+        "--data-dir",
+        &mirror,
+    ];
+    let o = datamux(dir, &args);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("N 7") && e.contains("no row matches"), "{e}");
+
+    // Nothing able to run at all (offline, a hub-only dataset) is 1, not 3.
+    let o = datamux(
+        dir,
+        &[
+            "run",
+            "experiments/text-sentence.toml",
+            "--profile",
+            "smoke",
+            "--out",
+            "hub",
+            "--no-speed",
+            "--set",
+            "sweep.dataset=[\"sst2\"]",
+        ],
+    );
+    let e = stderr(&o);
+    let rows: Vec<AccuracyRow> =
+        results::read_table(&dir.join("hub/text-sentence/accuracy.parquet")).unwrap();
+    assert!(
+        !rows.is_empty() && rows.iter().all(|r| r.id.status == Status::Unavailable),
+        "{e}"
+    );
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("nothing could run"), "{e}");
+}
