@@ -7,12 +7,15 @@
 //! and resolution, which the runner uses.
 //!
 //! Resolution order for a split: the local mirror directory (`--data-dir` / `DATAMUX_DATA_DIR`),
-//! then the hf-hub cache (read offline), then a download through hf-hub unless offline
-//! (`HF_HUB_OFFLINE=1` or the caller's flag). A split that cannot be found is an error naming every
+//! then the repository's shipped `data/` folder, then the hf-hub cache (read offline), then a
+//! download through hf-hub unless offline (`HF_HUB_OFFLINE=1` or the caller's flag), at most one
+//! failed attempt per repository in a run ([`Resolver::hub_attempts`]). A split that cannot be found is an error naming every
 //! path looked at and how to provide the data. Pretrained models resolve the same way
 //! ([`models`]), from a models folder (`--models-dir` / `DATAMUX_MODELS_DIR`) laid out
 //! `<owner>/<name>/`.
 
+#[cfg(feature = "hub")]
+mod attempts;
 pub mod catalogue;
 pub mod error;
 pub mod examples;

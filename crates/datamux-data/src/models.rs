@@ -34,6 +34,9 @@ pub struct ModelResolver {
     pub hub_cache: PathBuf,
     /// Never download.
     pub offline: bool,
+    /// A folder shared by one run's processes: a repository whose download failed once is not
+    /// tried again in that run (`attempts.rs`).
+    pub hub_attempts: Option<PathBuf>,
 }
 
 impl ModelResolver {
@@ -57,6 +60,7 @@ impl ModelResolver {
         }
         Ok(Self {
             models_dir: dir,
+            hub_attempts: None,
             hub_cache: Cache::from_env().path().clone(),
             offline: offline || offline_from_env(),
         })
@@ -131,7 +135,9 @@ impl ModelResolver {
                 hint: format!("To provide it: {}.", hints.join("; or ")),
             });
         }
-        let paths = hub_download(&self.hub_cache, hub_repo, files).map_err(|(file, message)| {
+        let attempt = || hub_download(&self.hub_cache, hub_repo, files);
+        let marks = self.hub_attempts.as_deref();
+        let paths = crate::attempts::once(marks, repo, attempt).map_err(|(file, message)| {
             DataError::ModelDownload {
                 repo: repo.to_string(),
                 revision: revision.clone(),
@@ -200,6 +206,7 @@ mod tests {
             models_dir,
             hub_cache: cache,
             offline: true,
+            hub_attempts: None,
         }
     }
 

@@ -17,15 +17,31 @@ pub struct Resolved {
     pub source: Source,
 }
 
+/// The datasets shipped in the repository (`data/` at the workspace root: the small local-only
+/// ones, data/README.md): `data/` under the current directory (the checkout `just` runs in), else
+/// the checkout this binary was built from, when either exists.
+pub fn shipped_data_dir() -> Option<PathBuf> {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
+    let here = std::env::current_dir().ok().map(|d| d.join("data"));
+    here.into_iter()
+        .chain(std::iter::once(built))
+        .find(|d| d.join("README.md").is_file())
+}
+
 /// Resolution settings.
 #[derive(Debug, Clone)]
 pub struct Resolver {
     /// The local mirror directory (`<dir>/<folder>/<file>`).
     pub data_dir: Option<PathBuf>,
+    /// The repository's shipped datasets ([`shipped_data_dir`]), after the mirror.
+    pub shipped_dir: Option<PathBuf>,
     /// The hf-hub cache (`$HF_HOME/hub` or `~/.cache/huggingface/hub`).
     pub hub_cache: PathBuf,
     /// Never download; resolve from the mirror and the cache only.
     pub offline: bool,
+    /// A folder shared by one run's processes: a repository whose download failed once is not
+    /// tried again in that run (`attempts.rs`).
+    pub hub_attempts: Option<PathBuf>,
 }
 
 impl Resolver {
@@ -46,8 +62,10 @@ impl Resolver {
         }
         Ok(Self {
             data_dir,
+            shipped_dir: shipped_data_dir(),
             hub_cache,
             offline,
+            hub_attempts: None,
         })
     }
 
@@ -82,23 +100,24 @@ impl Resolver {
         let mut hints = Vec::new();
         if let Some(local) = &entry.local {
             if let Some(files) = local.files.get(split) {
-                match &self.data_dir {
-                    Some(dir) => {
-                        let folder = dir.join(&local.folder);
-                        let paths: Vec<PathBuf> = files.iter().map(|f| folder.join(f)).collect();
-                        if paths.iter().all(|p| p.is_file()) {
-                            return Ok(Resolved {
-                                files: paths,
-                                source: Source::Local { folder },
-                            });
-                        }
-                        looked.extend(paths.iter().map(|p| p.display().to_string()));
-                    }
-                    None => looked.push(format!(
+                if self.data_dir.is_none() {
+                    looked.push(format!(
                         "<data dir>/{}/{} (no data directory set)",
                         local.folder,
                         files.join(", ")
-                    )),
+                    ));
+                }
+                // The mirror wins where it has the folder; the shipped copy comes next.
+                for dir in self.data_dir.iter().chain(&self.shipped_dir) {
+                    let folder = dir.join(&local.folder);
+                    let paths: Vec<PathBuf> = files.iter().map(|f| folder.join(f)).collect();
+                    if paths.iter().all(|p| p.is_file()) {
+                        return Ok(Resolved {
+                            files: paths,
+                            source: Source::Local { folder },
+                        });
+                    }
+                    looked.extend(paths.iter().map(|p| p.display().to_string()));
                 }
                 hints.push(format!(
                     "put {} under <data dir>/{}/ and pass --data-dir or set DATAMUX_DATA_DIR",
@@ -152,16 +171,19 @@ impl Resolver {
         repo: Repo,
         files: &[String],
     ) -> Result<Resolved, DataError> {
-        let paths = hub_download(&self.hub_cache, repo, files).map_err(|(file, message)| {
-            DataError::Download {
-                dataset: entry.name.clone(),
-                split: split.to_string(),
-                repo: hub.repo.clone(),
-                revision: hub.revision.clone(),
-                file,
-                message,
-            }
-        })?;
+        let attempt = || hub_download(&self.hub_cache, repo, files);
+        let marks = self.hub_attempts.as_deref();
+        let paths =
+            crate::attempts::once(marks, &hub.repo, attempt).map_err(|(file, message)| {
+                DataError::Download {
+                    dataset: entry.name.clone(),
+                    split: split.to_string(),
+                    repo: hub.repo.clone(),
+                    revision: hub.revision.clone(),
+                    file,
+                    message,
+                }
+            })?;
         Ok(Resolved {
             files: paths,
             source: Source::Hub {
@@ -172,14 +194,16 @@ impl Resolver {
     }
 }
 
-/// The local folder of a dataset under the data directory, if both are known.
+/// The local folder of a dataset: under the data directory where it has it, else the shipped
+/// one; `None` when neither has it.
 pub fn local_folder(resolver: &Resolver, entry: &DatasetEntry) -> Option<PathBuf> {
-    Some(
-        resolver
-            .data_dir
-            .as_deref()?
-            .join(&entry.local.as_ref()?.folder),
-    )
+    let name = &entry.local.as_ref()?.folder;
+    resolver
+        .data_dir
+        .iter()
+        .chain(&resolver.shipped_dir)
+        .map(|d| d.join(name))
+        .find(|f| f.is_dir())
 }
 
 /// Whether `path` looks like a Parquet file (its magic bytes), to report a clear error for other
@@ -191,4 +215,37 @@ pub fn is_parquet(path: &Path) -> bool {
         .and_then(|mut f| f.read_exact(&mut magic))
         .is_ok()
         && &magic == b"PAR1"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Catalogue;
+
+    /// The shipped `data/` answers without a data directory; a mirror that has the folder wins.
+    #[test]
+    fn shipped_data_without_a_data_directory_and_the_mirror_first()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let cat = Catalogue::builtin()?;
+        let entry = cat.get("rt-snippets")?;
+        let empty = tempfile::tempdir()?;
+        let mut resolver = Resolver::new(None, "test", empty.path().to_path_buf(), true)?;
+        let shipped = resolver.resolve(entry, "test")?;
+        let Source::Local { folder } = &shipped.source else {
+            panic!("{:?}", shipped.source)
+        };
+        assert!(folder.ends_with("data/rt-snippets"), "{}", folder.display());
+        let mirror = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/mirror");
+        resolver.data_dir = Some(mirror.clone());
+        let Source::Local { folder } = resolver.resolve(entry, "test")?.source else {
+            panic!("not local")
+        };
+        assert_eq!(folder, mirror.join("rt-snippets"));
+        // Neither: the error still names where it looked.
+        resolver.data_dir = None;
+        resolver.shipped_dir = None;
+        let err = resolver.resolve(entry, "test").unwrap_err().to_string();
+        assert!(err.contains("no data directory set"), "{err}");
+        Ok(())
+    }
 }
