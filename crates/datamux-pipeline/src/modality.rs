@@ -23,6 +23,10 @@ pub struct Env {
     /// Trained tokenizers and other derived files (`.cache/`, git-ignored).
     pub cache_dir: std::path::PathBuf,
     pub profile: String,
+    /// One run's folder of failed hub attempts, shared by its workers: a repository that could
+    /// not be reached is tried once per run (`datamux_data::Resolver::hub_attempts`).
+    #[serde(default)]
+    pub hub_attempts: Option<std::path::PathBuf>,
 }
 
 /// What a running job is doing, for the progress bars and the scheduler.

@@ -154,7 +154,10 @@ pub fn failed_result(job: &Job, env: &Env, e: &anyhow::Error) -> JobResult {
 fn data_access(env: &Env) -> Result<(Catalogue, Resolver)> {
     Ok((
         Catalogue::load(env.data_dir.as_deref())?,
-        Resolver::from_env(env.data_dir.clone(), env.offline)?,
+        Resolver {
+            hub_attempts: env.hub_attempts.clone(),
+            ..Resolver::from_env(env.data_dir.clone(), env.offline)?
+        },
     ))
 }
 

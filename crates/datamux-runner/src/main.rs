@@ -85,6 +85,10 @@ enum Cmd {
         /// a point outside its tolerance exits 1.
         #[arg(long)]
         compare_with: Option<PathBuf>,
+        /// Run only shard K of M (e.g. 2/3): a stable share of the grid, runs that share a
+        /// warm-up kept together; expectations are checked on the merged folder (`datamux merge`).
+        #[arg(long)]
+        shard: Option<sweep::shard::Shard>,
         /// Training runs side by side (default: one per core).
         #[arg(long)]
         jobs: Option<usize>,
@@ -102,6 +106,14 @@ enum Cmd {
         no_report: bool,
         #[command(flatten)]
         data: DataArgs,
+    },
+    /// Merge the folders of `datamux run --shard` into one, as one machine's run would have
+    /// written it.
+    Merge {
+        #[arg(required = true)]
+        shards: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Publish a finished working folder (reproduced/<profile>/) into results/: each of its
     /// points replaces the published rows of that point whole; the other points stay.
@@ -195,6 +207,14 @@ fn env_for(data: &DataArgs, profile: &str) -> Result<Env> {
         runs_dir: root.join("runs"),
         cache_dir: root.join(".cache"),
         profile: profile.to_string(),
+        // This run's own folder (the process id and the time): the next run tries again.
+        hub_attempts: Some(root.join(".cache/hub-attempts").join(format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        ))),
     })
 }
 
@@ -235,6 +255,7 @@ fn real_main() -> Result<u8> {
             profile,
             out,
             compare_with,
+            shard,
             jobs,
             threads,
             overrides,
@@ -246,8 +267,17 @@ fn real_main() -> Result<u8> {
                 .iter()
                 .map(|s| config::parse_override(s))
                 .collect::<Result<Vec<_>>>()?;
-            let experiments =
+            let mut experiments =
                 sweep::load_experiments(&paths, &profile, &overrides, &catalogue(&data)?)?;
+            if let Some(shard) = shard {
+                sweep::shard::restrict(&mut experiments, shard);
+                eprintln!(
+                    "shard {}/{}: {} run(s) of the plan; expectations are checked on the merged folder",
+                    shard.index + 1,
+                    shard.count,
+                    experiments.iter().map(|e| e.runs.len()).sum::<usize>()
+                );
+            }
             let cores = std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1);
@@ -374,6 +404,15 @@ fn real_main() -> Result<u8> {
                 &out.join("bench"),
                 &format!("datamux report {}", out.join("bench").display()),
             )?;
+            Ok(Outcome::SUCCESS)
+        }
+        Cmd::Merge { shards, out } => {
+            for dir in reproduce::merge(&shards, &out)? {
+                for p in report::write_reports(&dir, &format!("datamux report {}", dir.display()))?
+                {
+                    println!("wrote {}", p.display());
+                }
+            }
             Ok(Outcome::SUCCESS)
         }
         Cmd::Publish { from, to } => {

@@ -298,10 +298,62 @@ pub fn section(dir: &Path, split: &str) -> Result<String> {
 /// `env.txt` is the working folder's. Runs that did not finish are not published. Returns the
 /// folders written.
 pub fn publish(from: &Path, to: &Path) -> Result<Vec<PathBuf>> {
-    let dirs = crate::report::experiment_dirs(from)?;
-    if dirs.is_empty() {
+    let written = copy_finished(from, |profile, name| profile_dir(to, profile, name))?;
+    if written.is_empty() {
         bail!("{} holds no experiment tables to publish", from.display());
     }
+    Ok(written)
+}
+
+/// `datamux merge`: the experiment folders of every shard folder (`datamux run --shard`) into
+/// `out/<experiment>/`, as one machine's run would have written them (row order aside: rows are
+/// in the order runs finished). Returns the folders written.
+pub fn merge(shards: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    let mut profiles: BTreeMap<String, String> = BTreeMap::new();
+    for shard in shards {
+        for dir in copy_finished(shard, |profile, name| {
+            profiles
+                .entry(name.to_string())
+                .or_insert_with(|| profile.to_string());
+            out.join(name)
+        })? {
+            if !written.contains(&dir) {
+                written.push(dir);
+            }
+        }
+    }
+    if written.is_empty() {
+        bail!("none of the shard folders holds experiment tables");
+    }
+    // A table holds one profile (`datamux run` refuses to mix them, and so does this).
+    for dir in &written {
+        let rows: Vec<AccuracyRow> = results::read_table(&dir.join("accuracy.parquet"))?;
+        if let Some(r) = rows
+            .iter()
+            .find(|r| Some(&r.id.profile) != profiles.get(&r.id.experiment))
+        {
+            bail!(
+                "{} would mix profiles `{}` and `{}`: merge the shards of one profile",
+                dir.display(),
+                r.id.profile,
+                profiles.get(&r.id.experiment).map_or("?", |p| p.as_str())
+            );
+        }
+    }
+    Ok(written)
+}
+
+/// Copy the finished runs of every experiment folder under `from` into `dest(profile, name)`.
+fn copy_finished(
+    from: &Path,
+    mut dest_of: impl FnMut(&str, &str) -> PathBuf,
+) -> Result<Vec<PathBuf>> {
+    if !from.is_dir() {
+        bail!("no folder at {}", from.display());
+    }
+    // A shard that drew no run has no tables: nothing to copy.
+    let dirs = crate::report::experiment_dirs(from)?;
     let mut written = Vec::new();
     for dir in dirs {
         let acc: Vec<AccuracyRow> = results::read_table(&dir.join("accuracy.parquet"))?;
@@ -314,8 +366,7 @@ pub fn publish(from: &Path, to: &Path) -> Result<Vec<PathBuf>> {
         else {
             continue;
         };
-        let (name, profile) = (first.experiment.clone(), first.profile.clone());
-        let dest = profile_dir(to, &profile, &name);
+        let dest = dest_of(&first.profile, &first.experiment);
         std::fs::create_dir_all(&dest)
             .with_context(|| format!("cannot create {}", dest.display()))?;
         let done = results::finished(&acc);

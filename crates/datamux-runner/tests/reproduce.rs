@@ -14,6 +14,10 @@ use common::{datamux, root, stderr, workspace};
 /// A two-point MNIST experiment on the fixture, a few steps each, with one expectation that
 /// holds (accuracy >= 0) and, when `missing`, one about an N the sweep does not have.
 fn write_experiment(dir: &Path, missing: bool) {
+    write_grid(dir, missing, "[1, 2]");
+}
+
+fn write_grid(dir: &Path, missing: bool, ns: &str) {
     let extra = if missing {
         "\n[[expect]]\nn_instances = 7\nmin = 0.0\n"
     } else {
@@ -36,7 +40,7 @@ steps = 6
 batch_size = 8
 eval_every = 3
 [sweep]
-n_instances = [1, 2]
+n_instances = {ns}
 [speed]
 enabled = false
 [[expect]]
@@ -203,4 +207,69 @@ fn exit_codes_say_what_happened() {
     );
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("nothing could run"), "{e}");
+}
+
+#[test]
+fn three_shards_merge_into_the_one_machine_tables() {
+    let ws = workspace();
+    let dir = ws.path();
+    write_grid(dir, false, "[1, 2, 4, 8]");
+    let mirror = root().join("fixtures/mirror").display().to_string();
+    let run = |out: &str, shard: Option<&str>| {
+        let mut args = vec![
+            "run",
+            "experiments/tiny.toml",
+            "--out",
+            out,
+            "--data-dir",
+            &mirror,
+            "--jobs",
+            "1",
+        ];
+        if let Some(s) = shard {
+            args.extend(["--shard", s]);
+        }
+        let o = datamux(dir, &args);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    };
+    run("whole", None);
+    for k in 1..=3 {
+        run(&format!("shard{k}"), Some(&format!("{k}/3")));
+    }
+    let o = datamux(
+        dir,
+        &["merge", "shard1", "shard2", "shard3", "--out", "merged"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |d: &str| -> Vec<AccuracyRow> {
+        results::read_table(&dir.join(d).join("tiny/accuracy.parquet")).unwrap()
+    };
+    let whole = read("whole");
+    assert_eq!(values(&read("merged")), values(&whole));
+    let ids = |rows: Vec<AccuracyRow>| {
+        rows.into_iter()
+            .map(|r| r.id.run_id)
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let shards: Vec<_> = (1..=3).map(|k| ids(read(&format!("shard{k}")))).collect();
+    assert_eq!(
+        shards.iter().map(|s| s.len()).sum::<usize>(),
+        ids(whole).len()
+    );
+    // The merged folder is complete: a run there trains nothing and checks the expectations.
+    let o = datamux(
+        dir,
+        &[
+            "run",
+            "experiments/tiny.toml",
+            "--out",
+            "merged",
+            "--data-dir",
+            &mirror,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("0 to train"), "{}", stderr(&o));
+    let bad = datamux(dir, &["run", "experiments/tiny.toml", "--shard", "4/3"]);
+    assert_eq!(bad.status.code(), Some(2));
 }

@@ -82,7 +82,10 @@ pub fn pretrained(run: &RunConfig, env: &Env) -> Result<Option<Pretrained>> {
     let Some(repo) = &cfg.pretrained else {
         return Ok(None);
     };
-    let resolver = ModelResolver::from_env(env.models_dir.clone(), env.offline)?;
+    let resolver = ModelResolver {
+        hub_attempts: env.hub_attempts.clone(),
+        ..ModelResolver::from_env(env.models_dir.clone(), env.offline)?
+    };
     Ok(Some(Pretrained::resolve(
         repo,
         cfg.revision.as_deref(),

@@ -31,6 +31,7 @@ fn fixture_resolver() -> ModelResolver {
         models_dir: None,
         hub_cache: root().join("fixtures/hub"),
         offline: true,
+        hub_attempts: None,
     }
 }
 
@@ -54,6 +55,7 @@ fn minilm() -> Option<Pretrained> {
         models_dir: Some(dir),
         hub_cache: root().join("fixtures/hub"),
         offline: true,
+        hub_attempts: None,
     };
     Some(Pretrained::resolve(MINILM, None, &resolver).expect("MiniLM loads"))
 }
@@ -322,6 +324,7 @@ fn edited_copy(edit: impl FnOnce(&Path)) -> (tempfile::TempDir, ModelResolver) {
         models_dir: Some(tmp.path().to_path_buf()),
         hub_cache: tmp.path().join("no-hub"),
         offline: true,
+        hub_attempts: None,
     };
     (tmp, resolver)
 }

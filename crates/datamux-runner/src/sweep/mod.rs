@@ -8,6 +8,7 @@
 //! - `workers.rs`: the worker processes and the progress bars.
 
 mod queue;
+pub mod shard;
 mod workers;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -237,6 +238,10 @@ pub fn run(plan: &Plan) -> Result<Outcome> {
     workers::run_jobs(speed_list, plan, 1, cores, "speed points", |exp, _, r| {
         tables[exp].add(r)
     })?;
+    if let Some(dir) = &plan.env.hub_attempts {
+        // The marks are this run's; a missing folder (no attempt failed) is fine.
+        let _ = std::fs::remove_dir_all(dir);
+    }
     let mut outcome = Outcome::default();
     for (exp, t) in plan.experiments.iter().zip(&tables) {
         // Again at the end, when the rows of replaced runs are gone.
@@ -301,6 +306,7 @@ impl Outcome {
     /// One line: the counts and what the exit code means.
     pub fn summary(&self) -> String {
         let verdict = match self.code() {
+            Self::SUCCESS if self.ok == 0 => "nothing to run",
             Self::SUCCESS => "every run finished and every expectation held",
             Self::UNAVAILABLE => "everything that could run ran; some data was unavailable",
             _ if self.ok == 0 && self.failed == 0 => "nothing could run",
@@ -319,7 +325,11 @@ impl Outcome {
 
     /// The exit code (`datamux run --help`).
     pub fn code(&self) -> u8 {
-        if self.failed > 0 || self.missed > 0 || self.outside > 0 || self.ok == 0 {
+        let runs = self.ok + self.failed + self.unavailable;
+        if runs == 0 && self.missed == 0 && self.outside == 0 {
+            // An empty plan (a shard that drew no run) did all it had to.
+            Self::SUCCESS
+        } else if self.failed > 0 || self.missed > 0 || self.outside > 0 || self.ok == 0 {
             Self::FAILURE
         } else if self.unavailable > 0 {
             Self::UNAVAILABLE
