@@ -16,4 +16,5 @@ pub mod provenance;
 pub mod registry;
 pub mod report;
 pub mod reproduce;
+pub mod show;
 pub mod sweep;

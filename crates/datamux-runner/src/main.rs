@@ -145,10 +145,25 @@ enum Cmd {
         root: PathBuf,
     },
     /// Print a results table.
+    /// Print a results table (a Parquet file or an experiment folder). Accuracy tables take
+    /// filters, show a 95 % Wilson interval over the examples for accuracies, and pivot by N.
     Show {
         path: PathBuf,
         #[arg(long, default_value_t = 50)]
         rows: usize,
+        /// Only this dataset (accuracy tables).
+        #[arg(long)]
+        dataset: Option<String>,
+        /// Only this metric, e.g. accuracy, f1, retrieval_accuracy (accuracy tables).
+        #[arg(long)]
+        metric: Option<String>,
+        /// Only this split: test or validation (accuracy tables).
+        #[arg(long)]
+        split: Option<String>,
+        /// One line per model, one column per N (mean over seeds), the change against N = 1
+        /// beside each value.
+        #[arg(long)]
+        pivot: bool,
     },
     /// Inference throughput of the sentence MuxNet (small, base; L = 128) and the MNIST ViT
     /// for every N, with a per-stage breakdown and a training step; rows into <out>/bench/.
@@ -430,8 +445,30 @@ fn real_main() -> Result<u8> {
             }
             Ok(Outcome::SUCCESS)
         }
-        Cmd::Show { path, rows } => {
-            println!("{}", report::show(&path, rows)?);
+        Cmd::Show {
+            path,
+            rows,
+            dataset,
+            metric,
+            split,
+            pivot,
+        } => {
+            let is_speed = path.file_name().is_some_and(|f| f == "speed.parquet");
+            if is_speed {
+                anyhow::ensure!(
+                    dataset.is_none() && metric.is_none() && split.is_none() && !pivot,
+                    "--dataset, --metric, --split and --pivot apply to accuracy tables"
+                );
+                println!("{}", report::show(&path, rows)?);
+            } else {
+                let filter = datamux_runner::show::Filter {
+                    dataset,
+                    metric,
+                    split,
+                    pivot,
+                };
+                println!("{}", datamux_runner::show::accuracy(&path, rows, &filter)?);
+            }
             Ok(Outcome::SUCCESS)
         }
         Cmd::Worker { spec } => {

@@ -118,6 +118,28 @@ fn reproduce_compares_with_the_published_tables_and_publish_is_explicit() {
     let pubd: Vec<AccuracyRow> = results::read_table(&published).unwrap();
     assert_eq!(values(&pubd), values(&work));
     assert!(dir.join("published/tiny/README.md").is_file());
+    // `show` filters and pivots by N, the change against N = 1 beside each value.
+    let o = datamux(
+        dir,
+        &[
+            "show",
+            "published/tiny",
+            "--split",
+            "test",
+            "--metric",
+            "accuracy",
+            "--pivot",
+        ],
+    );
+    let table = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        table.contains("| N = 1 | N = 2") && table.lines().count() == 3,
+        "{table}"
+    );
+    let o = datamux(dir, &["show", "published/tiny", "--dataset", "nope"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("datasets mnist"), "{}", stderr(&o));
     assert!(dir.join("published/tiny/resolved.toml").is_file());
     let bytes = std::fs::read(&published).unwrap();
 
