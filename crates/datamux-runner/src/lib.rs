@@ -12,6 +12,7 @@ pub mod bench;
 pub mod comparison;
 pub mod config;
 pub mod job;
+pub mod plot;
 pub mod provenance;
 pub mod registry;
 pub mod report;

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use plotters::prelude::*;
 
 use datamux_core::DemuxKind;
 
+use crate::plot::{self, Curve};
 use crate::registry;
 use crate::results::{self, AccuracyRow, SpeedRow, Status};
 
@@ -112,6 +112,44 @@ fn row_ideal(r: &SpeedRow) -> Option<f64> {
     ))
 }
 
+/// The N = 1 row a speed row's speedup is taken against: the same series where it has one, else
+/// the same dataset, backbone and size with another mux or demux (their cost at N = 1 differs by
+/// the mux and the demux alone, a small share of the pass), so that every line has a speedup.
+fn speed_base<'a>(rows: &[&'a SpeedRow], r: &SpeedRow) -> Option<&'a SpeedRow> {
+    let same = |b: &&&SpeedRow| b.id.n_instances == 1 && b.seq_len == r.seq_len;
+    let s = series_of(&r.id);
+    rows.iter()
+        .filter(same)
+        .find(|b| series_of(&b.id) == s)
+        .or_else(|| {
+            rows.iter().filter(same).find(|b| {
+                series_of(&b.id).0 == s.0 && series_of(&b.id).1 == s.1 && series_of(&b.id).2 == s.2
+            })
+        })
+        .copied()
+}
+
+/// Examples scored per (series, warm-up, N) for the reported split and each dataset's metric
+/// (the same for every seed), for the Wilson intervals of accuracies.
+fn examples(rows: &[AccuracyRow], split: &str) -> BTreeMap<(Series, bool, i64), i64> {
+    rows.iter()
+        .filter(|r| r.id.status == Status::Ok && r.split == split && r.metric == "accuracy")
+        .map(|r| {
+            (
+                (series_of(&r.id), r.id.warmup, r.id.n_instances),
+                r.n_examples,
+            )
+        })
+        .collect()
+}
+
+/// Chance accuracy of a dataset (one over its classes, from the built-in catalogue), in %.
+fn chance(dataset: &str) -> Option<f64> {
+    let cat = datamux_data::Catalogue::builtin().ok()?;
+    let k = cat.get(dataset).ok()?.labels.len();
+    (k >= 2).then(|| 100.0 / k as f64)
+}
+
 pub fn render(dir: &Path, command: &str) -> Result<String> {
     let name = dir
         .file_name()
@@ -179,8 +217,17 @@ pub fn render(dir: &Path, command: &str) -> Result<String> {
         means("nn_agreement"),
     );
     md += &format!("## Accuracy ({split} split, %, mean over seeds)\n\n");
-    md += "| dataset | backbone | size | mux | demux | warm-up | N | metric | value | slot min | slot max | retrieval | warm-up retrieval | seeds |\n";
-    md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    md += "| dataset | backbone | size | mux | demux | warm-up | N | metric | value | 95 % interval | slot min | slot max | retrieval | warm-up retrieval | seeds |\n";
+    md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    let counts = examples(&acc, split);
+    // The Wilson interval of an accuracy over the split's examples (of the mean, for seeds).
+    let interval = |k: &(Series, bool, i64), metric: &str| -> Option<(f64, f64)> {
+        if metric != "accuracy" {
+            return None;
+        }
+        let v = main.get(k).map(|(s, c)| s / *c as f64)?;
+        crate::show::wilson(v, *counts.get(k)?)
+    };
     let get = |t: &BTreeMap<(Series, bool, i64), (f64, usize)>, k: &(Series, bool, i64)| {
         t.get(k).map(|(s, c)| s / *c as f64)
     };
@@ -191,7 +238,7 @@ pub fn render(dir: &Path, command: &str) -> Result<String> {
     for (k, (_, seeds)) in &main {
         let (s, warm, n) = k;
         md += &format!(
-            "| {} | {} | {} | {} | {} | {} | {n} | {} | {} | {} | {} | {} | {} | {seeds} |\n",
+            "| {} | {} | {} | {} | {} | {} | {n} | {} | {} | {} | {} | {} | {} | {} | {seeds} |\n",
             s.0,
             s.1,
             s.2,
@@ -204,6 +251,11 @@ pub fn render(dir: &Path, command: &str) -> Result<String> {
             },
             metric_name(&s.0),
             pct(get(&main, k)),
+            interval(k, metric_name(&s.0)).map_or("–".into(), |(a, b)| format!(
+                "{:.1} - {:.1}",
+                100.0 * a,
+                100.0 * b
+            )),
             pct(get(&lo, k)),
             pct(get(&hi, k)),
             pct(get(&ret, k)),
@@ -255,10 +307,8 @@ pub fn render(dir: &Path, command: &str) -> Result<String> {
         let mut sorted = ok_speed.clone();
         sorted.sort_by_key(|r| (series_of(&r.id), r.id.n_instances));
         for r in &sorted {
-            let base = ok_speed
-                .iter()
-                .find(|b| series_of(&b.id) == series_of(&r.id) && b.id.n_instances == 1);
-            let speedup = base.map(|b| r.throughput_instances_per_s / b.throughput_instances_per_s);
+            let speedup = speed_base(&ok_speed, r)
+                .map(|b| r.throughput_instances_per_s / b.throughput_instances_per_s);
             md += &format!(
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} ± {:.2} | {} | {} | {} |\n",
                 r.id.dataset,
@@ -279,34 +329,61 @@ pub fn render(dir: &Path, command: &str) -> Result<String> {
         }
     }
     let mut plots = Vec::new();
-    let mut acc_points: BTreeMap<String, Vec<(f64, f64)>> =
-        group_points(main.iter().map(|((s, w, n), (v, c))| {
-            (
-                format!("{}{}", label(s, several), if *w { "" } else { " B1" }),
-                *n as f64,
-                100.0 * v / *c as f64,
-            )
-        }));
-    acc_points.extend(compared_curves);
-    if !acc_points.is_empty() {
+    let mut acc_curves: Vec<Curve> = Vec::new();
+    for (k, (v, c)) in &main {
+        let (series, warm, n) = k;
+        let name = format!(
+            "{}{}",
+            label(series, several),
+            if *warm { "" } else { " B1" }
+        );
+        let ci = interval(k, metric_name(&series.0)).map(|(a, b)| (100.0 * a, 100.0 * b));
+        let point = (*n as f64, 100.0 * v / *c as f64, ci);
+        match acc_curves.iter_mut().find(|c| c.name == name) {
+            Some(curve) => curve.points.push(point),
+            None => acc_curves.push(Curve {
+                name,
+                points: vec![point],
+                reference: false,
+            }),
+        }
+    }
+    for (name, pts) in compared_curves {
+        acc_curves.push(Curve {
+            name,
+            points: pts.into_iter().map(|(x, y)| (x, y, None)).collect(),
+            reference: false,
+        });
+    }
+    if !acc_curves.is_empty() {
+        for d in datasets.iter().filter(|d| metric_name(d) == "accuracy") {
+            if let Some(c) = chance(d) {
+                acc_curves.push(Curve {
+                    name: format!("chance, {d} ({c:.1} %)"),
+                    points: vec![(1.0, c, None)],
+                    reference: true,
+                });
+            }
+        }
+        for c in &mut acc_curves {
+            c.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
         let f = "accuracy_vs_n.png";
         let mut metrics: Vec<&str> = datasets.iter().map(|d| metric_name(d)).collect();
         metrics.sort_unstable();
         metrics.dedup();
         let metrics = metrics.join(" / ");
-        plot(
+        plot::draw(
             &dir.join(f),
-            &format!("{metrics} ({split}) vs N"),
+            &format!("{metrics} ({split}) vs N, 95 % intervals over the examples"),
             &format!("{metrics} (%)"),
-            &acc_points,
+            &acc_curves,
         )?;
         plots.push(f);
     }
     let speed_points: BTreeMap<String, Vec<(f64, f64)>> =
         group_points(ok_speed.iter().filter_map(|r| {
-            let base = ok_speed
-                .iter()
-                .find(|b| series_of(&b.id) == series_of(&r.id) && b.id.n_instances == 1)?;
+            let base = speed_base(&ok_speed, r)?;
             Some((
                 label(&series_of(&r.id), several),
                 r.id.n_instances as f64,
@@ -314,12 +391,37 @@ pub fn render(dir: &Path, command: &str) -> Result<String> {
             ))
         }));
     if !speed_points.is_empty() {
+        let mut curves: Vec<Curve> = speed_points
+            .into_iter()
+            .map(|(name, pts)| Curve {
+                name,
+                points: pts.into_iter().map(|(x, y)| (x, y, None)).collect(),
+                reference: false,
+            })
+            .collect();
+        // The ideal of each (demultiplexer, length) the rows have, once.
+        let ideals: BTreeMap<String, Vec<(f64, f64)>> =
+            group_points(ok_speed.iter().filter_map(|r| {
+                Some((
+                    format!("ideal, {} demux, L = {}", r.id.demux, r.seq_len),
+                    r.id.n_instances as f64,
+                    row_ideal(r)?,
+                ))
+            }));
+        for (name, mut pts) in ideals {
+            pts.dedup_by(|a, b| a.0 == b.0);
+            curves.push(Curve {
+                name,
+                points: pts.into_iter().map(|(x, y)| (x, y, None)).collect(),
+                reference: true,
+            });
+        }
         let f = "speedup_vs_n.png";
-        plot(
+        plot::draw(
             &dir.join(f),
-            "speedup over N = 1 vs N",
+            "speedup over N = 1 (same backbone and size) vs N",
             "speedup (x)",
-            &speed_points,
+            &curves,
         )?;
         plots.push(f);
     }
@@ -341,71 +443,6 @@ fn group_points(it: impl Iterator<Item = (String, f64, f64)>) -> BTreeMap<String
         v.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
     out
-}
-
-fn register_font() {
-    // Registering twice is harmless; the font is compiled in, so plots never depend on the
-    // host's fonts.
-    let _ =
-        plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular());
-}
-
-fn plot(
-    path: &Path,
-    title: &str,
-    ylabel: &str,
-    series: &BTreeMap<String, Vec<(f64, f64)>>,
-) -> Result<()> {
-    register_font();
-    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
-        let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let xs: Vec<f64> = series.values().flatten().map(|p| p.0).collect();
-        let ys: Vec<f64> = series.values().flatten().map(|p| p.1).collect();
-        let (x0, x1) = (
-            xs.iter().copied().fold(f64::INFINITY, f64::min),
-            xs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        );
-        let (y0, y1) = (
-            ys.iter().copied().fold(f64::INFINITY, f64::min),
-            ys.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        );
-        let pad = ((y1 - y0) * 0.08).max(0.5);
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 24))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(
-                (x0.max(1.0) * 0.8).log2()..(x1.max(1.0) * 1.25).log2(),
-                (y0 - pad)..(y1 + pad),
-            )?;
-        chart
-            .configure_mesh()
-            .x_desc("N (log scale)")
-            .y_desc(ylabel)
-            .x_label_formatter(&|v| format!("{:.0}", v.exp2()))
-            .draw()?;
-        for (i, (name, pts)) in series.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            let pts: Vec<(f64, f64)> = pts.iter().map(|(x, y)| (x.max(1.0).log2(), *y)).collect();
-            chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
-                .label(name.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-                });
-            chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled())))?;
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
-        root.present()?;
-        Ok(())
-    };
-    draw().map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", path.display()))
 }
 
 /// Experiment folders under `root` (those with an `accuracy.parquet` or `speed.parquet`), or
