@@ -122,6 +122,9 @@ enum Cmd {
         from: PathBuf,
         #[arg(long, default_value = "results")]
         to: PathBuf,
+        /// Replace each experiment's published tables whole (points the plan no longer has go).
+        #[arg(long)]
+        replace: bool,
     },
     /// Run every experiment at its `smoke` profile into a temporary folder and check the tables.
     Verify {
@@ -430,8 +433,8 @@ fn real_main() -> Result<u8> {
             }
             Ok(Outcome::SUCCESS)
         }
-        Cmd::Publish { from, to } => {
-            let dirs = reproduce::publish(&from, &to)?;
+        Cmd::Publish { from, to, replace } => {
+            let dirs = reproduce::publish(&from, &to, replace)?;
             for dir in &dirs {
                 for p in report::write_reports(dir, &format!("datamux report {}", dir.display()))? {
                     println!("wrote {}", p.display());

@@ -297,8 +297,12 @@ pub fn section(dir: &Path, split: &str) -> Result<String> {
 /// other published points are kept. `resolved.toml` gains the published runs' settings and
 /// `env.txt` is the working folder's. Runs that did not finish are not published. Returns the
 /// folders written.
-pub fn publish(from: &Path, to: &Path) -> Result<Vec<PathBuf>> {
-    let written = copy_finished(from, |profile, name| profile_dir(to, profile, name))?;
+/// With `replace`, each experiment's published tables become the working folder's whole: the
+/// points it no longer plans (a cut variant) go too.
+pub fn publish(from: &Path, to: &Path, replace: bool) -> Result<Vec<PathBuf>> {
+    let written = copy_finished(from, replace, |profile, name| {
+        profile_dir(to, profile, name)
+    })?;
     if written.is_empty() {
         bail!("{} holds no experiment tables to publish", from.display());
     }
@@ -312,7 +316,7 @@ pub fn merge(shards: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     let mut profiles: BTreeMap<String, String> = BTreeMap::new();
     for shard in shards {
-        for dir in copy_finished(shard, |profile, name| {
+        for dir in copy_finished(shard, false, |profile, name| {
             profiles
                 .entry(name.to_string())
                 .or_insert_with(|| profile.to_string());
@@ -347,6 +351,7 @@ pub fn merge(shards: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
 /// Copy the finished runs of every experiment folder under `from` into `dest(profile, name)`.
 fn copy_finished(
     from: &Path,
+    replace: bool,
     mut dest_of: impl FnMut(&str, &str) -> PathBuf,
 ) -> Result<Vec<PathBuf>> {
     if !from.is_dir() {
@@ -371,6 +376,17 @@ fn copy_finished(
             .with_context(|| format!("cannot create {}", dest.display()))?;
         let done = results::finished(&acc);
         let done_speed = results::finished(&speed);
+        if replace {
+            for f in ["accuracy.parquet", "speed.parquet", "resolved.toml"] {
+                match std::fs::remove_file(dest.join(f)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(e)
+                            .with_context(|| format!("cannot replace {}", dest.display()));
+                    }
+                    _ => {}
+                }
+            }
+        }
         let acc_ids = merge_into(&dest.join("accuracy.parquet"), acc, &done)?;
         let speed_ids = merge_into(&dest.join("speed.parquet"), speed, &done_speed)?;
         merge_resolved(&dir, &dest, &acc_ids, &speed_ids)?;

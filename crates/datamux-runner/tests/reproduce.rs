@@ -183,6 +183,34 @@ fn reproduce_compares_with_the_published_tables_and_publish_is_explicit() {
     assert!(o.status.success(), "{}", stderr(&o));
     let repub: Vec<AccuracyRow> = results::read_table(&published).unwrap();
     assert_eq!(values(&repub), values(&work));
+
+    // Plain publishing keeps the points a smaller plan leaves out; --replace drops them.
+    let o = datamux(
+        dir,
+        &[
+            "run",
+            "experiments/tiny.toml",
+            "--out",
+            "work3",
+            "--data-dir",
+            &mirror,
+            "--set",
+            "sweep.n_instances=[1]",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let ns = |rows: &[AccuracyRow]| {
+        let mut v: Vec<i64> = rows.iter().map(|r| r.id.n_instances).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let o = datamux(dir, &["publish", "work3", "--to", "published"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(ns(&results::read_table(&published).unwrap()), [1, 2]);
+    let o = datamux(dir, &["publish", "work3", "--to", "published", "--replace"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(ns(&results::read_table(&published).unwrap()), [1]);
 }
 
 #[test]
