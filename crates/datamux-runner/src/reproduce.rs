@@ -4,7 +4,7 @@
 //! with the published one (`comparison.parquet` and a section of the working folder's README).
 //! `datamux publish` is the one command that writes into `results/`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -390,19 +390,66 @@ fn copy_finished(
         let acc_ids = merge_into(&dest.join("accuracy.parquet"), acc, &done)?;
         let speed_ids = merge_into(&dest.join("speed.parquet"), speed, &done_speed)?;
         merge_resolved(&dir, &dest, &acc_ids, &speed_ids)?;
-        let env = dir.join("env.txt");
-        if env.exists() {
-            std::fs::copy(&env, dest.join("env.txt"))
-                .with_context(|| format!("cannot copy {}", env.display()))?;
-        }
+        let revs = published_revs(&dest)?;
+        publish_env(&dir.join("env.txt"), &dest.join("env.txt"), replace, &revs)?;
         written.push(dest);
     }
     Ok(written)
 }
 
-/// Upsert the finished runs of `rows` into the table at `path`; the run ids the table holds
+/// The published `env.txt`: the working folder's section after those of the published one
+/// (unless `replace`) whose revision some row of the published tables still carries: the rows
+/// kept from earlier runs were computed on the machines those sections name. A section already
+/// there is not repeated.
+fn publish_env(from: &Path, dest: &Path, replace: bool, revs: &BTreeSet<String>) -> Result<()> {
+    let read = |p: &Path| match std::fs::read_to_string(p) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
+    };
+    let new = read(from)?;
+    if new.trim().is_empty() {
+        return Ok(());
+    }
+    let old = if replace { String::new() } else { read(dest)? };
+    // Sections are separated by a blank line and each starts with `command:`.
+    let rev_of = |section: &str| {
+        section
+            .lines()
+            .find_map(|l| l.strip_prefix("git_rev: "))
+            .map(|r| r.trim().to_string())
+    };
+    let mut sections: Vec<&str> = old
+        .split("\n\n")
+        .map(str::trim)
+        .filter(|s| s.starts_with("command:"))
+        .filter(|s| rev_of(s).is_some_and(|r| revs.contains(&r)))
+        .filter(|s| *s != new.trim())
+        .collect();
+    sections.push(new.trim());
+    let text = format!("{}\n", sections.join("\n\n"));
+    if text == old {
+        return Ok(());
+    }
+    std::fs::write(dest, text).with_context(|| format!("cannot write {}", dest.display()))
+}
+
+/// The git revisions that the rows of the published tables in `dir` carry.
+fn published_revs(dir: &Path) -> Result<BTreeSet<String>> {
+    let acc: Vec<AccuracyRow> = results::read_table(&dir.join("accuracy.parquet"))?;
+    let speed: Vec<SpeedRow> = results::read_table(&dir.join("speed.parquet"))?;
+    Ok(acc
+        .iter()
+        .map(|r| &r.id)
+        .chain(speed.iter().map(|r| &r.id))
+        .map(|id| id.git_rev.clone())
+        .collect())
+}
+
+/// Upsert the finished runs of `rows` into the table at `path` (not rewritten when no row
+/// changes: republishing the same runs leaves the file as it was); the run ids the table holds
 /// afterwards.
-fn merge_into<R: Row + Clone>(
+fn merge_into<R: Row + Clone + PartialEq>(
     path: &Path,
     rows: Vec<R>,
     finished: &std::collections::BTreeSet<String>,
@@ -415,10 +462,16 @@ fn merge_into<R: Row + Clone>(
     if by_run.is_empty() && !path.exists() {
         return Ok(Default::default());
     }
+    let before = table.clone();
     for (_, rows) in by_run {
         results::upsert(&mut table, rows);
     }
-    results::write_table(path, &table)?;
+    // Upserting moves a run's rows to the end: equal as sets is unchanged.
+    let unchanged =
+        path.exists() && before.len() == table.len() && table.iter().all(|r| before.contains(r));
+    if !unchanged {
+        results::write_table(path, &table)?;
+    }
     Ok(table.iter().map(|r| r.key().to_string()).collect())
 }
 

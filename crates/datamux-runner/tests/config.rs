@@ -428,8 +428,67 @@ fn the_published_tables_are_what_the_experiments_plan() {
                 table.display()
             );
             checked += planned.len();
+            // Every speed point of those datasets is timed, the N = 1 bases included.
+            let speed: Vec<results::SpeedRow> =
+                results::read_table(&table.with_file_name("speed.parquet")).unwrap();
+            let timed: BTreeSet<&str> = speed
+                .iter()
+                .filter(|r| r.id.status == Status::Ok)
+                .map(|r| r.id.run_id.as_str())
+                .collect();
+            let untimed: Vec<String> = e
+                .speed
+                .iter()
+                .filter(|r| datasets.contains(r.data.dataset.as_str()))
+                .map(|r| r.run_id())
+                .filter(|id| !timed.contains(id.as_str()))
+                .collect();
+            assert!(
+                untimed.is_empty(),
+                "{}: speed points planned at {profile} without a row: {untimed:?}",
+                e.name
+            );
         }
     }
     // 39 quick and 47 standard runs of MNIST, rt-snippets and wnut16 when this was written.
     assert!(checked >= 86, "only {checked} published runs checked");
+}
+
+/// A width that the grid trains only at N > 1 gets an N = 1 speed point of its own (which
+/// trains nothing), so its speedup is taken against the same width.
+#[test]
+fn every_size_of_a_grid_has_an_n1_speed_point() {
+    let e = load(
+        &experiments_dir().join("text-sentence.toml"),
+        "standard",
+        &[],
+    )
+    .unwrap();
+    let text = datamux_runner::registry::modality("text").unwrap();
+    let width = |r: &datamux_runner::config::RunConfig| text.model_size(r).unwrap();
+    let wide = "2x256";
+    assert!(
+        e.runs
+            .iter()
+            .any(|r| width(r) == wide && r.model.n_instances == 5)
+    );
+    assert!(
+        !e.runs
+            .iter()
+            .any(|r| width(r) == wide && r.model.n_instances == 1)
+    );
+    let bases: Vec<_> = e
+        .speed
+        .iter()
+        .filter(|r| width(r) == wide && r.model.n_instances == 1)
+        .collect();
+    assert_eq!(bases.len(), 1);
+    assert!(bases[0].warmup.from_n.is_none());
+    let quick = load(&experiments_dir().join("text-sentence.toml"), "quick", &[]).unwrap();
+    assert!(
+        quick
+            .speed
+            .iter()
+            .all(|s| quick.runs.iter().any(|r| r.run_id() == s.run_id()))
+    );
 }

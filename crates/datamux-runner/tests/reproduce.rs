@@ -205,12 +205,36 @@ fn reproduce_compares_with_the_published_tables_and_publish_is_explicit() {
         v.dedup();
         v
     };
+    // The same points again: the table is not rewritten (its modification time stays).
+    let mtime = || std::fs::metadata(&published).unwrap().modified().unwrap();
+    let was = mtime();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let o = datamux(dir, &["publish", "work2", "--to", "published"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(mtime(), was);
+    // env.txt keeps the sections of the revisions whose rows stay, each once.
+    let env_path = dir.join("published/tiny/env.txt");
+    let env = || std::fs::read_to_string(&env_path).unwrap();
+    let sections = |t: &str| t.matches("command: ").count();
+    let before = sections(&env());
+    std::fs::write(
+        &env_path,
+        format!("command: gone\ngit_rev: 000000000000\n\n{}", env()),
+    )
+    .unwrap();
     let o = datamux(dir, &["publish", "work3", "--to", "published"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(ns(&results::read_table(&published).unwrap()), [1, 2]);
+    assert!(!env().contains("command: gone"), "{}", env());
+    assert!(env().contains("--out work3"), "{}", env());
+    assert_eq!(sections(&env()), before + 1, "{}", env());
+    let o = datamux(dir, &["publish", "work3", "--to", "published"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sections(&env()), before + 1, "{}", env());
     let o = datamux(dir, &["publish", "work3", "--to", "published", "--replace"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(ns(&results::read_table(&published).unwrap()), [1]);
+    assert_eq!(sections(&env()), 1, "{}", env());
 }
 
 #[test]

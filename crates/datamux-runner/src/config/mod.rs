@@ -48,7 +48,56 @@ pub struct Experiment {
     /// The registry name of its modality.
     pub modality: &'static str,
     pub runs: Vec<RunConfig>,
+    /// The speed points: one per distinct model of `runs`, and an N = 1 base of the same
+    /// backbone and size for each model that has none (`speed_points`).
+    pub speed: Vec<RunConfig>,
     pub expect: Vec<Expect>,
+}
+
+/// One speed point per distinct model (the first dataset and seed of each backbone, size, mux,
+/// demux, N and warm-up: the other datasets of one model differ in the head alone), and where a (dataset, backbone, size) has no N = 1 point (the standard
+/// text grid's width 256 starts at N = 5) an N = 1 copy of its first point, so that every
+/// speedup is taken against the same width. Speed runs use fresh weights: the copy trains
+/// nothing.
+fn speed_points(modality: &dyn datamux_pipeline::Modality, runs: &[RunConfig]) -> Vec<RunConfig> {
+    let size = |r: &RunConfig| modality.model_size(r).unwrap_or_default();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut points: Vec<RunConfig> = runs
+        .iter()
+        .filter(|r| r.speed.enabled)
+        .filter(|r| {
+            let m = &r.model;
+            seen.insert((
+                m.backbone.clone(),
+                size(r),
+                m.mux.kind.name(),
+                m.demux.kind.name(),
+                m.n_instances,
+                r.warmup.enabled,
+            ))
+        })
+        .cloned()
+        .collect();
+    let model = |r: &RunConfig| (r.data.dataset.clone(), r.model.backbone.clone(), size(r));
+    let with_base: std::collections::BTreeSet<_> = points
+        .iter()
+        .filter(|r| r.model.n_instances == 1)
+        .map(model)
+        .collect();
+    let mut based = std::collections::BTreeSet::new();
+    let bases: Vec<RunConfig> = points
+        .iter()
+        .filter(|r| !with_base.contains(&model(r)) && based.insert(model(r)))
+        .map(|r| {
+            let mut base = r.clone();
+            base.model.n_instances = 1;
+            base.warmup.from_n = None;
+            base.warmup_source = None;
+            base
+        })
+        .collect();
+    points.extend(bases);
+    points
 }
 
 fn parse_wire(text: &str, shown: &str) -> Result<WireExperiment> {
@@ -264,6 +313,7 @@ pub fn load(
             r.run_id()
         );
     }
+    let speed = speed_points(modality, &runs);
     Ok(Experiment {
         name: wire.name,
         path: path.to_path_buf(),
@@ -272,6 +322,7 @@ pub fn load(
         compare: wire.compare,
         modality: modality.name(),
         runs,
+        speed,
         expect: wire.expect,
     })
 }

@@ -134,26 +134,6 @@ fn job_cost(r: &RunConfig) -> usize {
     r.train.steps * r.train.batch_size / n + warm
 }
 
-/// One speed point per distinct model: the first seed of each (backbone, mux, demux, N).
-fn speed_runs(exp: &Experiment) -> Vec<RunConfig> {
-    let mut seen = BTreeSet::new();
-    exp.runs
-        .iter()
-        .filter(|r| r.speed.enabled)
-        .filter(|r| {
-            let m = &r.model;
-            seen.insert((
-                m.backbone.clone(),
-                m.mux.kind.name(),
-                m.demux.kind.name(),
-                m.n_instances,
-                r.warmup.enabled,
-            ))
-        })
-        .cloned()
-        .collect()
-}
-
 /// Run every experiment of the plan; the outcome counts its runs and missed expectations.
 pub fn run(plan: &Plan) -> Result<Outcome> {
     let mut tables = Vec::new();
@@ -205,9 +185,9 @@ pub fn run(plan: &Plan) -> Result<Outcome> {
             }
         }
         if plan.speed {
-            for r in speed_runs(exp) {
+            for r in &exp.speed {
                 if !done_speed.contains(&r.run_id()) {
-                    speed_list.push((i, Job::Speed(r)));
+                    speed_list.push((i, Job::Speed(r.clone())));
                 }
             }
         }
@@ -408,7 +388,7 @@ fn write_resolved(dir: &Path, exp: &Experiment, in_tables: &BTreeSet<String>) ->
         .into_iter()
         .filter(|(id, _)| in_tables.contains(id))
         .collect();
-    for r in &exp.runs {
+    for r in exp.runs.iter().chain(&exp.speed) {
         runs.insert(r.run_id(), r.to_toml()?);
     }
     let mut doc = toml::Table::new();
