@@ -230,12 +230,17 @@ mod tests {
         let entry = cat.get("rt-snippets")?;
         let empty = tempfile::tempdir()?;
         let mut resolver = Resolver::new(None, "test", empty.path().to_path_buf(), true)?;
+        // Read at run time: a test binary built from another checkout that shares the target
+        // folder (CI) would otherwise look in that checkout, which may be gone.
+        let root = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").ok_or("no manifest dir")?)
+            .join("../..");
+        resolver.shipped_dir = Some(root.join("data"));
         let shipped = resolver.resolve(entry, "test")?;
         let Source::Local { folder } = &shipped.source else {
             panic!("{:?}", shipped.source)
         };
         assert!(folder.ends_with("data/rt-snippets"), "{}", folder.display());
-        let mirror = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/mirror");
+        let mirror = root.join("fixtures/mirror");
         resolver.data_dir = Some(mirror.clone());
         let Source::Local { folder } = resolver.resolve(entry, "test")?.source else {
             panic!("not local")

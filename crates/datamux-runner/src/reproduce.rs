@@ -449,7 +449,7 @@ fn published_revs(dir: &Path) -> Result<BTreeSet<String>> {
 /// Upsert the finished runs of `rows` into the table at `path` (not rewritten when no row
 /// changes: republishing the same runs leaves the file as it was); the run ids the table holds
 /// afterwards.
-fn merge_into<R: Row + Clone + PartialEq>(
+fn merge_into<R: Row + Clone + std::fmt::Debug>(
     path: &Path,
     rows: Vec<R>,
     finished: &std::collections::BTreeSet<String>,
@@ -466,9 +466,14 @@ fn merge_into<R: Row + Clone + PartialEq>(
     for (_, rows) in by_run {
         results::upsert(&mut table, rows);
     }
-    // Upserting moves a run's rows to the end: equal as sets is unchanged.
-    let unchanged =
-        path.exists() && before.len() == table.len() && table.iter().all(|r| before.contains(r));
+    // Upserting moves a run's rows to the end: equal as sets is unchanged. Compared as text,
+    // where a NaN (a metric that a run could not compute) equals itself.
+    let text = |rows: &[R]| {
+        let mut t: Vec<String> = rows.iter().map(|r| format!("{r:?}")).collect();
+        t.sort();
+        t
+    };
+    let unchanged = path.exists() && text(&before) == text(&table);
     if !unchanged {
         results::write_table(path, &table)?;
     }
