@@ -64,7 +64,9 @@ impl DemuxKind {
 pub struct Config {
     pub kind: DemuxKind,
     /// Dropout before the per-slot MLPs of `mlp` (the reference's 0.1).
+    #[serde(deserialize_with = "crate::range::probability")]
     pub dropout: f64,
+    #[serde(deserialize_with = "crate::range::positive")]
     pub layer_norm_eps: f64,
     /// `index` and `rsa`: add the encoder's hidden state to the slot's output before the
     /// LayerNorm, `LN(h + f(slot, h))`, so that the demultiplexer starts near the identity: a

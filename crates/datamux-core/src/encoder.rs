@@ -22,12 +22,19 @@ use crate::model::Backbone;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    #[serde(deserialize_with = "crate::range::at_least_one")]
     pub num_hidden_layers: usize,
+    #[serde(deserialize_with = "crate::range::at_least_one")]
     pub hidden_size: usize,
+    #[serde(deserialize_with = "crate::range::at_least_one")]
     pub num_attention_heads: usize,
+    #[serde(deserialize_with = "crate::range::at_least_one")]
     pub intermediate_size: usize,
+    #[serde(deserialize_with = "crate::range::probability")]
     pub hidden_dropout_prob: f64,
+    #[serde(deserialize_with = "crate::range::probability")]
     pub attention_probs_dropout_prob: f64,
+    #[serde(deserialize_with = "crate::range::positive")]
     pub layer_norm_eps: f64,
     /// LayerNorm before each sub-layer (plus a final one) instead of after the residual sum.
     pub pre_layer_norm: bool,

@@ -32,6 +32,7 @@ pub mod layers;
 pub mod model;
 pub mod mux;
 pub mod optim;
+pub mod range;
 pub mod retrieval;
 pub mod task;
 

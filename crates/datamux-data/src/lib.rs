@@ -15,10 +15,12 @@
 //! `<owner>/<name>/`.
 
 #[cfg(feature = "hub")]
+pub mod atomic;
 mod attempts;
 pub mod catalogue;
 pub mod error;
 pub mod examples;
+pub mod lock;
 #[cfg(feature = "hub")]
 pub mod models;
 #[cfg(feature = "io")]

@@ -18,24 +18,77 @@ pub fn run_dir(env: &Env, run: &RunConfig) -> PathBuf {
     env.runs_dir.join(&run.experiment).join(run.run_id())
 }
 
-/// Save weights and fixed buffers; the resolved settings go beside them.
+/// The file a finished checkpoint folder lists its files in (name and size); written last,
+/// inside the folder that is then renamed into place.
+const MANIFEST: &str = "manifest.json";
+
+/// Save weights and fixed buffers, the resolved settings and `extra` files (name, contents)
+/// beside them, as one folder that appears whole or not at all (`atomic::write_dir`): a kill
+/// at any moment leaves either the earlier folder or the new one.
 pub fn save(
     dir: &Path,
     map: &SeededVarMap,
     buffers: &HashMap<String, Tensor>,
     run: &RunConfig,
+    extra: &[(&str, String)],
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    map.varmap().save(dir.join("model.safetensors"))?;
-    if !buffers.is_empty() {
-        candle_core::safetensors::save(buffers, dir.join("buffers.safetensors"))?;
+    let settings = toml::to_string(&run.to_toml()?)?;
+    datamux_data::atomic::write_dir(dir, |tmp| -> Result<()> {
+        map.varmap().save(tmp.join("model.safetensors"))?;
+        if !buffers.is_empty() {
+            candle_core::safetensors::save(buffers, tmp.join("buffers.safetensors"))?;
+        }
+        std::fs::write(tmp.join("resolved.toml"), &settings)?;
+        for (name, text) in extra {
+            std::fs::write(tmp.join(name), text)?;
+        }
+        let mut files = serde_json::Map::new();
+        for e in std::fs::read_dir(tmp)? {
+            let e = e?;
+            files.insert(
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata()?.len().into(),
+            );
+        }
+        std::fs::write(
+            tmp.join(MANIFEST),
+            serde_json::Value::Object(files).to_string(),
+        )?;
+        Ok(())
+    })
+    .map_err(|e| anyhow::anyhow!("{e:#}"))
+}
+
+/// Whether `dir` holds a whole checkpoint: every file its manifest lists, at its size. A folder
+/// without a manifest was written before checkpoints had one: whole if loading it works.
+pub fn verify(dir: &Path) -> Result<()> {
+    let manifest = dir.join(MANIFEST);
+    let text = match std::fs::read_to_string(&manifest) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", manifest.display())),
+    };
+    let files: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a manifest", manifest.display()))?;
+    for (name, size) in files {
+        let path = dir.join(&name);
+        let have = std::fs::metadata(&path)
+            .with_context(|| format!("{} is missing", path.display()))?
+            .len();
+        if Some(have) != size.as_u64() {
+            bail!(
+                "{} has {have} bytes, the manifest says {size}",
+                path.display()
+            );
+        }
     }
-    std::fs::write(dir.join("resolved.toml"), toml::to_string(&run.to_toml()?)?)?;
     Ok(())
 }
 
-/// Load the weights saved in `dir` into `map`, and the buffers saved beside them.
+/// Load the weights saved in `dir` into `map`, and the buffers saved beside them, after
+/// [`verify`].
 pub fn load(dir: &Path, map: &SeededVarMap) -> Result<HashMap<String, Tensor>> {
+    verify(dir)?;
     let ckpt = dir.join("model.safetensors");
     let mut vm = map.varmap().clone();
     vm.load(&ckpt)
@@ -49,47 +102,19 @@ pub fn load(dir: &Path, map: &SeededVarMap) -> Result<HashMap<String, Tensor>> {
     })
 }
 
-/// An exclusive lock on a directory, so two workers never train the same checkpoint at once.
-/// A lock left by a process that no longer exists is taken over.
-pub struct Lock(PathBuf);
-
-impl Lock {
-    pub fn acquire(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let path = dir.join("lock");
-        loop {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(mut f) => {
-                    use std::io::Write;
-                    write!(f, "{}", std::process::id())?;
-                    return Ok(Self(path));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let owner = std::fs::read_to_string(&path).unwrap_or_default();
-                    let alive = owner
-                        .trim()
-                        .parse::<u32>()
-                        .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-                    if !alive {
-                        std::fs::remove_file(&path).ok();
-                    } else {
-                        std::thread::sleep(std::time::Duration::from_secs(2));
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-}
-
-impl Drop for Lock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// An exclusive lock on a checkpoint folder (`<dir>.lock` beside it), so two workers (of one
+/// run or of two runs on one folder) never train the same checkpoint: the second waits, after
+/// `on_wait` says so, and then finds it finished. A file lock (`datamux_data::lock`): the
+/// kernel releases it when its holder dies, so a killed run leaves nothing to clean up.
+pub fn lock(dir: &Path, on_wait: impl FnOnce()) -> Result<datamux_data::lock::Lock> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(datamux_data::lock::Lock::acquire(
+        &dir.with_file_name(format!("{name}.lock")),
+        on_wait,
+    )?)
 }
 
 /// Start `vars` (a model at N instances) from `saved`, the variables of the same model trained at

@@ -20,6 +20,7 @@ pub struct DataConfig {
     /// A catalogue name (`datamux-data/catalogue.toml`, or the data directory's own).
     pub dataset: String,
     /// Examples held out of `train` (a seeded choice) when the dataset has no validation split.
+    #[serde(deserialize_with = "datamux_core::range::at_least_one")]
     pub validation_holdout: usize,
     /// Use at most this many training examples (0 = all); a seeded subset.
     pub train_limit: usize,
@@ -43,20 +44,29 @@ impl Default for DataConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     /// Optimizer steps (the budget is counted in steps, never in seconds).
+    #[serde(deserialize_with = "datamux_core::range::at_least_one")]
     pub steps: usize,
     /// Instances per step; the backbone sees `batch_size / N` rows.
+    #[serde(deserialize_with = "datamux_core::range::at_least_one")]
     pub batch_size: usize,
+    #[serde(deserialize_with = "datamux_core::range::positive")]
     pub lr: f64,
+    #[serde(deserialize_with = "datamux_core::range::non_negative")]
     pub weight_decay: f64,
     /// Linear warm-up of the learning rate, then linear decay to 0 at `steps`.
     pub lr_warmup_steps: usize,
+    #[serde(deserialize_with = "datamux_core::range::positive")]
     pub max_grad_norm: f64,
     /// Validate every this many steps (and at the end); the best validation checkpoint is kept.
+    #[serde(deserialize_with = "datamux_core::range::at_least_one")]
     pub eval_every: usize,
     /// Muxed rows per evaluation batch.
+    #[serde(deserialize_with = "datamux_core::range::at_least_one")]
     pub eval_rows: usize,
     /// `(α_task, α_ret)` of the loss; the retrieval term applies to text only.
+    #[serde(deserialize_with = "datamux_core::range::non_negative")]
     pub task_weight: f64,
+    #[serde(deserialize_with = "datamux_core::range::non_negative")]
     pub retrieval_weight: f64,
 }
 
@@ -86,8 +96,11 @@ pub struct WarmupConfig {
     pub enabled: bool,
     /// `task` (the task's own training data) or a catalogue corpus such as `wikitext-103`.
     pub corpus: String,
+    #[serde(deserialize_with = "datamux_core::range::at_least_one")]
     pub steps: usize,
+    #[serde(deserialize_with = "datamux_core::range::at_least_one")]
     pub batch_size: usize,
+    #[serde(deserialize_with = "datamux_core::range::positive")]
     pub lr: f64,
     pub lr_warmup_steps: usize,
     /// Every dropout of the warm-up model (embeddings, encoder, demultiplexer); unset keeps the
@@ -95,7 +108,10 @@ pub struct WarmupConfig {
     /// the task: at N = 5 no dropout gave 57.7 % retrieval after 1000 steps against 54.3 %
     /// (docs/text-recipe.md). Left out of the serialised settings when unset, so the hashes of
     /// runs that do not use it stay as they were.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "datamux_core::range::opt_probability"
+    )]
     pub dropout: Option<f64>,
     /// Start the warm-up from the finished warm-up of the same run at this smaller N (a
     /// curriculum over N; the `index` demultiplexer only): every parameter is copied, the prefix
@@ -127,15 +143,21 @@ impl Default for WarmupConfig {
 pub struct SpeedConfig {
     pub enabled: bool,
     /// Instances per timed pass; the same at every N (rounded up to a multiple of N).
+    #[serde(deserialize_with = "datamux_core::range::at_least_one")]
     pub batch_instances: usize,
     /// Muxed rows per forward call: a pass is `batch_instances / (rows_per_call · N)` calls of
     /// the same shape at every N, as the reference times a fixed batch of muxed rows
     /// (method.md §9.2). Unset: the whole pass in one call.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "datamux_core::range::opt_at_least_one"
+    )]
     pub rows_per_call: Option<usize>,
     pub warmup_iters: usize,
+    #[serde(deserialize_with = "datamux_core::range::at_least_one")]
     pub iters: usize,
     /// Stop measuring after this long even if `iters` is not reached.
+    #[serde(deserialize_with = "datamux_core::range::positive")]
     pub max_seconds: f64,
 }
 

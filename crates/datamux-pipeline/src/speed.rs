@@ -76,7 +76,13 @@ pub fn time<F: FnMut() -> Result<()>>(
     mut f: F,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Timing> {
-    let budget = std::time::Duration::from_secs_f64(cfg.max_seconds);
+    // The file's range check refuses these; a spec written by hand still gets an error.
+    let budget = std::time::Duration::try_from_secs_f64(cfg.max_seconds).map_err(|_| {
+        anyhow::anyhow!(
+            "speed.max_seconds must be a positive number of seconds, got {}",
+            cfg.max_seconds
+        )
+    })?;
     let start = Instant::now();
     let mut warm = 0;
     while warm < cfg.warmup_iters && (warm == 0 || start.elapsed() < budget / 4) {
@@ -114,7 +120,7 @@ pub fn pass_calls(
     rows_per_call: Option<usize>,
 ) -> Vec<Vec<Option<usize>>> {
     let slots = batch_slots(len, n, batch_instances);
-    let per_call = rows_per_call.map_or(slots.len(), |r| r.max(1) * n);
+    let per_call = rows_per_call.map_or(slots.len(), |r| r.max(1) * n).max(1);
     slots.chunks(per_call).map(<[_]>::to_vec).collect()
 }
 

@@ -144,7 +144,7 @@ pub fn train_task<T: Task>(
         Stage::Train,
         ctx,
     )?;
-    checkpoint::save(&checkpoint::run_dir(ctx.env, run), map, buffers, run)?;
+    checkpoint::save(&checkpoint::run_dir(ctx.env, run), map, buffers, run, &[])?;
     final_records(
         task,
         run,

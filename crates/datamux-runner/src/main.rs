@@ -18,7 +18,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// What `datamux` exits with (also in the README).
 const EXIT_CODES: &str = "Exit codes: 0 = every run of the plan finished and every [[expect]] held; \
-1 = a run failed, an expectation was missed or matched no row, a reproduced point is outside \
+1 = a run or a speed point failed, an expectation was missed or matched no row, a reproduced point is outside \
 its tolerance, or nothing could run at all; 2 = a bad command line or experiment file (or \
 another error before any run); 3 = everything that could run ran and held, but some datasets \
 were unavailable.";
@@ -484,7 +484,40 @@ fn real_main() -> Result<u8> {
                 }
             };
             let mut report = |t: Tick| emit(&Message::Tick(t));
-            let result = datamux_runner::job::execute(&job, &env, &mut report);
+            // A panic is a bug, but it must still reach the table as the run's error, with its
+            // message and place, not as "worker exited" and the last stderr line.
+            let panic = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            let seen = panic.clone();
+            std::panic::set_hook(Box::new(move |info| {
+                let msg = info
+                    .payload()
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".into());
+                let at = info
+                    .location()
+                    .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                    .unwrap_or_default();
+                let line = format!("worker panicked{at}: {msg}");
+                eprintln!("{line}");
+                if let Ok(mut p) = seen.lock() {
+                    *p = line;
+                }
+            }));
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                // A fault-injection seam for the test of this path: no setting can make a
+                // worker panic once the files are checked.
+                if let Some(msg) = std::env::var_os("DATAMUX_TEST_WORKER_PANIC") {
+                    #[allow(clippy::panic)] // the seam's whole point
+                    panic!("{}", msg.to_string_lossy());
+                }
+                datamux_runner::job::execute(&job, &env, &mut report)
+            }))
+            .unwrap_or_else(|_| {
+                let msg = panic.lock().map(|p| p.clone()).unwrap_or_default();
+                datamux_runner::job::failed_result(&job, &env, &anyhow::anyhow!("{msg}"))
+            });
             emit(&Message::Done(Box::new(result)));
             Ok(Outcome::SUCCESS)
         }

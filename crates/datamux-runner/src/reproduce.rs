@@ -431,7 +431,7 @@ fn publish_env(from: &Path, dest: &Path, replace: bool, revs: &BTreeSet<String>)
     if text == old {
         return Ok(());
     }
-    std::fs::write(dest, text).with_context(|| format!("cannot write {}", dest.display()))
+    Ok(datamux_data::atomic::write_bytes(dest, text.as_bytes())?)
 }
 
 /// The git revisions that the rows of the published tables in `dir` carry.

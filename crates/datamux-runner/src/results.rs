@@ -384,21 +384,23 @@ impl Row for SpeedRow {
     }
 }
 
-/// Write `rows` to `path` atomically (temporary file, then rename).
+/// Write `rows` to `path` atomically (temporary file, then rename; `datamux_data::atomic`).
 pub fn write_table<R: Columns>(path: &Path, rows: &[R]) -> Result<()> {
+    write_table_through(path, rows, |f| f)
+}
+
+/// [`write_table`] through a wrapper of the file: the seam a test fails the disk with.
+pub fn write_table_through<R: Columns, W: std::io::Write + Send>(
+    path: &Path,
+    rows: &[R],
+    wrap: impl FnOnce(std::fs::File) -> W,
+) -> Result<()> {
     let mut columns = Vec::new();
     R::columns(rows.iter().collect(), &mut columns);
     let mut df = DataFrame::new_infer_height(columns)?;
-    let tmp = path.with_extension(format!("parquet.tmp-{}", std::process::id()));
-    {
-        let file = std::fs::File::create(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        ParquetWriter::new(file)
-            .finish(&mut df)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-    }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    datamux_data::atomic::write_through(path, wrap, |w| {
+        ParquetWriter::new(w).finish(&mut df).map(|_| ())
+    })?;
     Ok(())
 }
 

@@ -300,7 +300,7 @@ fn warm_up_dropout_changes_only_the_warm_up_model() {
     let bad = [config::parse_override("warmup.dropout=1.5").unwrap()];
     let err = format!("{:#}", load(&path, "quick", &bad).unwrap_err());
     assert!(
-        err.contains("warmup.dropout must be in [0, 1), got 1.5"),
+        err.contains("dropout probability, in [0, 1); got 1.5"),
         "{err}"
     );
 }

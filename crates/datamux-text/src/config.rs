@@ -60,6 +60,7 @@ pub struct Config {
     /// Used when `size = "custom"`.
     pub encoder: encoder::Config,
     /// Tokens per instance after truncation, specials included (`L`).
+    #[serde(deserialize_with = "datamux_core::range::at_least_one")]
     pub max_length: usize,
     /// BPE vocabulary trained on the training split (ignored with `tokenizer`).
     pub vocab_size: usize,
@@ -67,6 +68,7 @@ pub struct Config {
     /// A `tokenizer.json` to load instead of training one.
     pub tokenizer: Option<String>,
     /// Dropout on the embeddings.
+    #[serde(deserialize_with = "datamux_core::range::probability")]
     pub embedding_dropout: f64,
     /// LayerNorm on the summed token and position embeddings, before muxing (RoBERTa's
     /// embedding LayerNorm, method.md §2).

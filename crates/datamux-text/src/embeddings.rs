@@ -115,9 +115,7 @@ pub fn targets(
     let flat: Vec<f32> = out.iter().flatten().copied().collect();
     let t = Tensor::from_vec(flat, (ids.len(), d), &Device::Cpu)?;
     std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    candle_core::safetensors::save(&HashMap::from([("targets".to_string(), t)]), &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)?;
+    let tensors = HashMap::from([("targets".to_string(), t)]);
+    datamux_data::atomic::write_path(path, |tmp| candle_core::safetensors::save(&tensors, tmp))?;
     Ok(out)
 }

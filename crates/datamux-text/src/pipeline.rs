@@ -129,9 +129,7 @@ pub fn tokenizer(
         cfg.max_length,
     )?;
     std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    tk.save(&tmp)?;
-    std::fs::rename(&tmp, &path)?;
+    datamux_data::atomic::write_path(&path, |tmp| tk.save(tmp))?;
     Ok(tk)
 }
 

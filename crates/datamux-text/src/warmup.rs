@@ -5,9 +5,9 @@
 //! smaller N (a curriculum over N), trained first when missing.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 use candle_core::Var;
 use datamux_core::{Score, SeededVarMap};
 use datamux_data::Splits;
@@ -103,7 +103,14 @@ pub fn warm_up(
     ctx: &mut Context<'_>,
 ) -> Result<(TextTask, SeededVarMap, Outcome)> {
     let dir = dir(run, &ctx.env.runs_dir, shared.tk.vocab_size())?;
-    let _lock = checkpoint::Lock::acquire(&dir)?;
+    let _lock = checkpoint::lock(&dir, || {
+        ctx.tick(
+            stage.clone(),
+            0,
+            1,
+            "waiting for another process training this warm-up",
+        );
+    })?;
     let warm_map = SeededVarMap::new(run.seed);
     let warm = text_task(
         &warmup_run(run)?,
@@ -114,25 +121,25 @@ pub fn warm_up(
         &warm_map,
         shared.pretrained,
     )?;
-    if dir.join("model.safetensors").is_file() {
-        ctx.tick(stage, 1, 1, "reusing checkpoint");
-        let saved = checkpoint::load(&dir, &warm_map)?;
-        warm.net.check_buffers(&saved)?;
-        let meta: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("outcome.json"))?)?;
-        let get = |k: &str| {
-            meta.get(k)
-                .and_then(serde_json::Value::as_f64)
-                .unwrap_or(f64::NAN)
-        };
-        let out = Outcome {
-            steps: get("steps") as usize,
-            best_step: get("best_step") as usize,
-            best_metric: f64::NAN,
-            seconds: get("seconds"),
-            last_loss: f64::NAN,
-        };
-        return Ok((warm, warm_map, out));
+    if dir.exists() {
+        match reuse(&dir, &warm, &warm_map) {
+            Ok(out) => {
+                ctx.tick(stage.clone(), 1, 1, "reusing checkpoint");
+                return Ok((warm, warm_map, out));
+            }
+            // A folder that a kill or a full disk broke (before checkpoints were written
+            // whole, or by hand): trained again, not an error for every later run.
+            Err(e) => {
+                ctx.tick(
+                    stage.clone(),
+                    0,
+                    1,
+                    format!("retraining a broken checkpoint: {e:#}"),
+                );
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("cannot remove {}", dir.display()))?;
+            }
+        }
     }
     if let Some(source) = &run.warmup_source {
         // Locks are taken from larger N to smaller, so two workers cannot wait on each other.
@@ -152,11 +159,41 @@ pub fn warm_up(
         stage,
         ctx,
     )?;
-    checkpoint::save(&dir, &warm_map, &warm.net.buffers(), run)?;
     let meta =
         serde_json::json!({"steps": out.steps, "best_step": out.best_step, "seconds": out.seconds});
-    std::fs::write(dir.join("outcome.json"), meta.to_string())?;
+    checkpoint::save(
+        &dir,
+        &warm_map,
+        &warm.net.buffers(),
+        run,
+        &[("outcome.json", meta.to_string())],
+    )?;
     Ok((warm, warm_map, out))
+}
+
+/// A finished warm-up from its folder: the weights into `map`, the buffers checked, the
+/// outcome read; any failure says the folder is broken.
+fn reuse(dir: &Path, warm: &TextTask, map: &SeededVarMap) -> Result<Outcome> {
+    let saved = checkpoint::load(dir, map)?;
+    warm.net.check_buffers(&saved)?;
+    let path = dir.join("outcome.json");
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", path.display()))?;
+    let get = |k: &str| {
+        meta.get(k)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(f64::NAN)
+    };
+    Ok(Outcome {
+        steps: get("steps") as usize,
+        best_step: get("best_step") as usize,
+        best_metric: f64::NAN,
+        seconds: get("seconds"),
+        last_loss: f64::NAN,
+    })
 }
 
 /// The warm-up's retrieval accuracy on every example of each split, as `warmup_*` records.

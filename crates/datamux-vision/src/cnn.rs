@@ -37,7 +37,9 @@ pub struct Config {
     /// Channels of the trunk's stages.
     pub channels: Vec<usize>,
     /// Width `D` of the pooled output.
+    #[serde(deserialize_with = "datamux_core::range::at_least_one")]
     pub hidden_size: usize,
+    #[serde(deserialize_with = "datamux_core::range::probability")]
     pub dropout: f64,
     /// The stems' nonlinearity. Left out of the serialised settings when `relu`, so runs made
     /// before the field existed keep their settings hash (and are not recomputed).

@@ -29,10 +29,14 @@ pub enum VisionError {
 #[serde(deny_unknown_fields, default)]
 pub struct ImageSpec {
     /// 1 (grey) or 3 (RGB); images are converted to this.
+    #[serde(deserialize_with = "datamux_core::range::at_least_one")]
     pub channels: usize,
     /// Side of the central square crop; the image must be at least this large.
+    #[serde(deserialize_with = "datamux_core::range::at_least_one")]
     pub size: usize,
+    #[serde(deserialize_with = "datamux_core::range::finite_list")]
     pub mean: Vec<f32>,
+    #[serde(deserialize_with = "datamux_core::range::positive_list")]
     pub std: Vec<f32>,
 }
 

@@ -14,8 +14,10 @@ use datamux_core::layers::{self, Linear};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    #[serde(deserialize_with = "datamux_core::range::at_least_one")]
     pub hidden_size: usize,
     pub num_layers: usize,
+    #[serde(deserialize_with = "datamux_core::range::probability")]
     pub dropout: f64,
 }
 

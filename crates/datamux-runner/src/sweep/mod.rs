@@ -84,7 +84,9 @@ pub fn load_experiments(
         .collect()
 }
 
-/// Tables of one experiment, kept in memory and written after every finished job.
+/// Tables of one experiment, written after every finished job. Every write reads the tables
+/// again under the folder's lock and upserts into what it finds, so two runs on one folder keep
+/// each other's rows; the copy in memory is the folder's as of the last write.
 struct Tables {
     dir: PathBuf,
     accuracy: Vec<AccuracyRow>,
@@ -94,14 +96,34 @@ struct Tables {
 impl Tables {
     fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(Self {
+        let mut t = Self {
             dir: dir.to_path_buf(),
-            accuracy: results::read_table(&dir.join("accuracy.parquet"))?,
-            speed: results::read_table(&dir.join("speed.parquet"))?,
-        })
+            accuracy: Vec::new(),
+            speed: Vec::new(),
+        };
+        t.reload()?;
+        Ok(t)
+    }
+
+    /// The folder's lock, held while a table or `resolved.toml` is read and written.
+    fn lock(&self) -> Result<datamux_data::lock::Lock> {
+        Ok(datamux_data::lock::Lock::folder(&self.dir, || {
+            eprintln!(
+                "waiting for another datamux run writing {}",
+                self.dir.display()
+            );
+        })?)
+    }
+
+    fn reload(&mut self) -> Result<()> {
+        self.accuracy = results::read_table(&self.dir.join("accuracy.parquet"))?;
+        self.speed = results::read_table(&self.dir.join("speed.parquet"))?;
+        Ok(())
     }
 
     fn add(&mut self, r: JobResult) -> Result<()> {
+        let _lock = self.lock()?;
+        self.reload()?;
         if !r.accuracy.is_empty() {
             results::upsert(&mut self.accuracy, r.accuracy);
             results::write_table(&self.dir.join("accuracy.parquet"), &self.accuracy)?;
@@ -120,6 +142,23 @@ impl Tables {
             .map(|id| id.run_id.clone())
             .collect()
     }
+}
+
+/// Whether the experiment folder `dir` holds finished rows of `job`: another run on the folder
+/// may have finished it since this one planned. Read under the folder's lock.
+pub(super) fn finished_in(dir: &Path, job: &Job) -> Result<bool> {
+    let id = job.run().run_id();
+    let _lock = datamux_data::lock::Lock::folder(dir, || {})?;
+    Ok(match job {
+        Job::Train(_) => {
+            let rows: Vec<AccuracyRow> = results::read_table(&dir.join("accuracy.parquet"))?;
+            results::finished(&rows).contains(&id)
+        }
+        Job::Speed(_) => {
+            let rows: Vec<SpeedRow> = results::read_table(&dir.join("speed.parquet"))?;
+            results::finished(&rows).contains(&id)
+        }
+    })
 }
 
 /// A rough cost of a run for scheduling: muxed rows processed over all steps.
@@ -162,10 +201,13 @@ pub fn run(plan: &Plan) -> Result<Outcome> {
                 exp.profile
             );
         }
-        write_resolved(&dir, exp, &t.run_ids())?;
-        std::fs::write(
-            dir.join("env.txt"),
-            crate::provenance::env_txt(&plan.command),
+        {
+            let _lock = t.lock()?;
+            write_resolved(&dir, exp, &t.run_ids())?;
+        }
+        datamux_data::atomic::write_bytes(
+            &dir.join("env.txt"),
+            crate::provenance::env_txt(&plan.command).as_bytes(),
         )?;
         let done = results::finished(&t.accuracy);
         let done_speed = results::finished(&t.speed);
@@ -223,10 +265,16 @@ pub fn run(plan: &Plan) -> Result<Outcome> {
         let _ = std::fs::remove_dir_all(dir);
     }
     let mut outcome = Outcome::default();
-    for (exp, t) in plan.experiments.iter().zip(&tables) {
-        // Again at the end, when the rows of replaced runs are gone.
+    for (exp, t) in plan.experiments.iter().zip(&mut tables) {
+        // Again at the end, when the rows of replaced runs are gone (and with the rows of any
+        // other run on the folder).
+        let _lock = t.lock()?;
+        t.reload()?;
         write_resolved(&plan.out_dir.join(&exp.name), exp, &t.run_ids())?;
         outcome.add(exp, &t.accuracy);
+        if plan.speed {
+            outcome.add_speed(exp, &t.speed);
+        }
     }
     Ok(outcome)
 }
@@ -244,6 +292,8 @@ pub struct Outcome {
     pub missed: usize,
     /// Reproduced rows outside their tolerance of the published ones (`--compare-with`).
     pub outside: usize,
+    /// Speed points that failed (or never reported).
+    pub speed_failed: usize,
 }
 
 impl Outcome {
@@ -283,6 +333,25 @@ impl Outcome {
         }
     }
 
+    /// Count one experiment's failed speed points, printing each. A speed point whose data
+    /// was unavailable is not counted again: its training run says so.
+    pub fn add_speed(&mut self, exp: &Experiment, rows: &[SpeedRow]) {
+        for r in &exp.speed {
+            let id = r.run_id();
+            match rows.iter().find(|row| row.id.run_id == id) {
+                Some(row) if row.id.status == Status::Error => {
+                    eprintln!("{}: speed point failed {id}: {}", exp.name, row.id.error);
+                    self.speed_failed += 1;
+                }
+                Some(_) => {}
+                None => {
+                    eprintln!("{}: speed point did not finish {id}", exp.name);
+                    self.speed_failed += 1;
+                }
+            }
+        }
+    }
+
     /// One line: the counts and what the exit code means.
     pub fn summary(&self) -> String {
         let verdict = match self.code() {
@@ -293,10 +362,11 @@ impl Outcome {
             _ => "FAILED",
         };
         format!(
-            "{} run(s) ok, {} failed, {} unavailable; {} expectation(s) missed; {} reproduced row(s) outside tolerance: {verdict} (exit {})",
+            "{} run(s) ok, {} failed, {} unavailable; {} speed point(s) failed; {} expectation(s) missed; {} reproduced row(s) outside tolerance: {verdict} (exit {})",
             self.ok,
             self.failed,
             self.unavailable,
+            self.speed_failed,
             self.missed,
             self.outside,
             self.code()
@@ -306,10 +376,15 @@ impl Outcome {
     /// The exit code (`datamux run --help`).
     pub fn code(&self) -> u8 {
         let runs = self.ok + self.failed + self.unavailable;
-        if runs == 0 && self.missed == 0 && self.outside == 0 {
+        if runs == 0 && self.missed == 0 && self.outside == 0 && self.speed_failed == 0 {
             // An empty plan (a shard that drew no run) did all it had to.
             Self::SUCCESS
-        } else if self.failed > 0 || self.missed > 0 || self.outside > 0 || self.ok == 0 {
+        } else if self.failed > 0
+            || self.missed > 0
+            || self.outside > 0
+            || self.speed_failed > 0
+            || self.ok == 0
+        {
             Self::FAILURE
         } else if self.unavailable > 0 {
             Self::UNAVAILABLE
@@ -412,8 +487,6 @@ pub(crate) fn write_resolved_doc(dir: &Path, doc: &toml::Table, by: &str) -> Res
         "# generated by `{by}`: every run's resolved settings, by run_id\n{}",
         toml::to_string(doc)?
     );
-    let tmp = dir.join("resolved.toml.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(tmp, dir.join("resolved.toml"))?;
+    datamux_data::atomic::write_bytes(&dir.join("resolved.toml"), text.as_bytes())?;
     Ok(())
 }

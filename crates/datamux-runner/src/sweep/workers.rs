@@ -79,12 +79,18 @@ fn spawn_worker(
     }
     let status = child.wait()?;
     let tail = err_thread.join().unwrap_or_default();
+    // The line that says why: a panic's own line where there is one (the backtrace note
+    // follows it), else the last.
+    let why = tail
+        .iter()
+        .rev()
+        .find(|l| l.contains("panicked"))
+        .or(tail.last())
+        .cloned()
+        .unwrap_or_default();
     match done {
         Some(r) => Ok(r),
-        None => bail!(
-            "worker exited with {status} before reporting: {}",
-            tail.last().cloned().unwrap_or_default()
-        ),
+        None => bail!("worker exited with {status} before reporting: {why}"),
     }
 }
 
@@ -133,6 +139,11 @@ pub fn run_jobs(
         let env = plan.env.clone();
         let spec_dir = spec_dir.clone();
         let exe = plan.worker_exe.clone();
+        let dirs: Vec<std::path::PathBuf> = plan
+            .experiments
+            .iter()
+            .map(|e| plan.out_dir.join(&e.name))
+            .collect();
         handles.push(std::thread::spawn(move || {
             loop {
                 let next = queue.lock().ok().and_then(|mut q| q.next(slot));
@@ -146,7 +157,38 @@ pub fn run_jobs(
                         msg: job.run().run_id(),
                     }),
                 ));
-                let r = spawn_worker(&exe, &job, &env, threads, &spec_dir, &tx, slot);
+                // One process at a time per job, across runs on one folder: a second run waits
+                // for the first and then finds the job finished (a file lock: a killed run
+                // leaves none behind).
+                let r = (|| {
+                    let kind = if matches!(job, Job::Speed(_)) {
+                        "speed"
+                    } else {
+                        "train"
+                    };
+                    let path = env
+                        .runs_dir
+                        .join("locks")
+                        .join(format!("{}-{kind}.lock", job.run().run_id()));
+                    let _lock = datamux_data::lock::Lock::acquire(&path, || {
+                        let _ = tx.send((
+                            slot,
+                            Message::Tick(Tick {
+                                stage: Stage::Data,
+                                pos: 0,
+                                len: 1,
+                                msg: format!("waiting: another run has {}", job.run().run_id()),
+                            }),
+                        ));
+                    })?;
+                    if super::finished_in(&dirs[exp], &job)? {
+                        return Ok(JobResult {
+                            accuracy: vec![],
+                            speed: vec![],
+                        });
+                    }
+                    spawn_worker(&exe, &job, &env, threads, &spec_dir, &tx, slot)
+                })();
                 let _ = done_tx.send((slot, exp, job, r));
             }
         }));
@@ -159,7 +201,7 @@ pub fn run_jobs(
     let log_lines = !std::io::IsTerminal::is_terminal(&std::io::stderr());
     loop {
         while let Ok((slot, Message::Tick(t))) = rx.try_recv() {
-            if log_lines && t.msg.contains(" val ") {
+            if log_lines && (t.msg.contains(" val ") || t.msg.starts_with("waiting")) {
                 eprintln!("{} {} {}/{} {}", names[slot], t.stage, t.pos, t.len, t.msg);
             }
             // A job's warm-ups are finished (trained or loaded) once it trains its task.
@@ -188,23 +230,25 @@ pub fn run_jobs(
                     failures.push(format!("{}: {e:#}", job.run().run_id()));
                     crate::job::failed_result(&job, &plan.env, &e)
                 });
-                for row in &r.accuracy {
-                    if row.id.status != Status::Ok {
-                        mp.println(format!(
-                            "{} {}: {}",
-                            row.id.status, row.id.run_id, row.id.error
-                        ))
-                        .ok();
+                // Hidden bars (no terminal) print nothing: a log gets the line directly.
+                let say = |line: String| {
+                    if log_lines {
+                        eprintln!("{line}");
+                    } else {
+                        mp.println(line).ok();
                     }
+                };
+                for row in r.accuracy.iter().filter(|r| r.id.status != Status::Ok) {
+                    say(format!(
+                        "{} {}: {}",
+                        row.id.status, row.id.run_id, row.id.error
+                    ));
                 }
-                for row in &r.speed {
-                    if row.id.status != Status::Ok {
-                        mp.println(format!(
-                            "speed {} {}: {}",
-                            row.id.status, row.id.run_id, row.id.error
-                        ))
-                        .ok();
-                    }
+                for row in r.speed.iter().filter(|r| r.id.status != Status::Ok) {
+                    say(format!(
+                        "speed {} {}: {}",
+                        row.id.status, row.id.run_id, row.id.error
+                    ));
                 }
                 on_done(exp, &job, r)?;
                 bars[slot].set_message("");
