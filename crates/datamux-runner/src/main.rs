@@ -246,6 +246,16 @@ fn catalogue(data: &DataArgs) -> Result<Catalogue> {
     Ok(Catalogue::load(resolver.data_dir.as_deref())?)
 }
 
+/// A fault-injection seam for the test of a worker's panic report
+/// (`DATAMUX_TEST_WORKER_PANIC=<message>`): no setting can make a worker panic once the files
+/// are checked.
+#[allow(clippy::panic)]
+fn panic_seam() {
+    if let Some(msg) = std::env::var_os("DATAMUX_TEST_WORKER_PANIC") {
+        panic!("{}", msg.to_string_lossy());
+    }
+}
+
 fn main() -> ExitCode {
     datamux_kernels::keep_freed_memory();
     tracing_subscriber::fmt()
@@ -506,11 +516,7 @@ fn real_main() -> Result<u8> {
                 }
             }));
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                // A fault-injection seam for the test of this path: no setting can make a
-                // worker panic once the files are checked.
-                if let Some(msg) = std::env::var_os("DATAMUX_TEST_WORKER_PANIC") {
-                    std::panic::panic_any(msg.to_string_lossy().into_owned());
-                }
+                panic_seam();
                 datamux_runner::job::execute(&job, &env, &mut report)
             }))
             .unwrap_or_else(|_| {
