@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use datamux_data::Catalogue;
 use datamux_pipeline::{Env, SpeedConfig, Tick};
@@ -291,6 +291,9 @@ fn real_main() -> Result<u8> {
             no_report,
             data,
         } => {
+            if jobs == Some(0) || threads == 0 {
+                bail!("--jobs and --threads must be at least 1");
+            }
             let overrides = overrides
                 .iter()
                 .map(|s| config::parse_override(s))
@@ -453,7 +456,14 @@ fn real_main() -> Result<u8> {
             Ok(Outcome::SUCCESS)
         }
         Cmd::Report { root } => {
-            for p in report::write_reports(&root, &format!("datamux report {}", root.display()))? {
+            let written = report::write_reports(&root, &format!("datamux report {}", root.display()))?;
+            if written.is_empty() {
+                bail!(
+                    "{} holds no experiment tables (accuracy.parquet or speed.parquet in a folder per experiment)",
+                    root.display()
+                );
+            }
+            for p in written {
                 println!("wrote {}", p.display());
             }
             Ok(Outcome::SUCCESS)

@@ -481,9 +481,7 @@ pub fn write_reports(root: &Path, command: &str) -> Result<Vec<PathBuf>> {
     for dir in experiment_dirs(root)? {
         let md = render(&dir, command)?;
         let path = dir.join("README.md");
-        let tmp = dir.join("README.md.tmp");
-        std::fs::write(&tmp, md)?;
-        std::fs::rename(&tmp, &path)?;
+        datamux_data::atomic::write_bytes(&path, md.as_bytes())?;
         out.push(path);
     }
     Ok(out)

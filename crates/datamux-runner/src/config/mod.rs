@@ -305,6 +305,13 @@ pub fn load(
             }
         }
     }
+    ensure!(
+        !sweep.seeds.is_empty(),
+        "{shown}: sweep.seeds is empty: the experiment would plan no run"
+    );
+    for e in &wire.expect {
+        validate::check_expect(e).with_context(|| format!("{shown}: [[expect]]"))?;
+    }
     let mut ids = std::collections::BTreeSet::new();
     for r in &runs {
         ensure!(

@@ -53,11 +53,56 @@ pub fn check_backbone(name: &str, modality: &dyn Modality, r#where: &str) -> Res
     Ok(())
 }
 
+/// The metrics the runs write (`accuracy.parquet`), each also as `<metric>_slot_min` /
+/// `_slot_max` (the worst and best instance slot).
+pub const METRICS: [&str; 6] = [
+    "accuracy",
+    "f1",
+    "cosine",
+    "nn_agreement",
+    "retrieval_accuracy",
+    "warmup_retrieval_accuracy",
+];
+
+/// The most instances per row a run may multiplex: far above the paper's 40, and below the
+/// sizes whose prefix and key tables alone exhaust a machine (N = 100 000 took ~24 GB).
+pub const MAX_N: usize = 1024;
+
+/// An `[[expect]]`: a metric that some run writes, a split that runs score.
+pub fn check_expect(e: &super::Expect) -> Result<()> {
+    let base = e
+        .metric
+        .strip_suffix("_slot_min")
+        .or_else(|| e.metric.strip_suffix("_slot_max"))
+        .unwrap_or(&e.metric);
+    ensure!(
+        METRICS.contains(&base),
+        "metric `{}` is not one that runs write; expected {} (or <metric>_slot_min / _slot_max)",
+        e.metric,
+        METRICS.join(", ")
+    );
+    ensure!(
+        ["test", "validation"].contains(&e.split.as_str()),
+        "split `{}` is not scored; expected test or validation",
+        e.split
+    );
+    ensure!(
+        e.min.is_finite() && (0.0..=1.0).contains(&e.min),
+        "min {} is not a fraction in [0, 1] (an accuracy of 65 % is 0.65)",
+        e.min
+    );
+    Ok(())
+}
+
 /// Cross-field checks of a resolved run that every modality shares, then the modality's own.
 pub fn validate(run: &RunConfig, modality: &dyn Modality, catalogue: &Catalogue) -> Result<()> {
     let (m, t) = (&run.model, &run.train);
     let n = m.n_instances;
     ensure!(n >= 1, "n_instances must be at least 1, got {n}");
+    ensure!(
+        n <= MAX_N,
+        "n_instances {n} is above the most a run may multiplex ({MAX_N})"
+    );
     ensure!(!run.data.dataset.is_empty(), "[data] dataset is not set");
     let entry = catalogue.get(&run.data.dataset)?;
     ensure!(
