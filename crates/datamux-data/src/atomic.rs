@@ -140,6 +140,37 @@ pub fn write_dir<E: Display>(
     Ok(())
 }
 
+/// Remove the temporaries of this module's writers in `dir` (`.<name>.tmp-*`, files or
+/// folders): those of a process killed while writing. Only for a caller that holds the lock
+/// every writer of `dir` holds, so that no live writer's temporary is taken.
+pub fn remove_stale(dir: &Path) -> io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(named(dir, "read", e)),
+    };
+    for e in entries {
+        let e = e.map_err(|e| named(dir, "read", e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with('.') && name.contains(".tmp-")) {
+            continue;
+        }
+        let path = e.path();
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(named(&path, "remove", e));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

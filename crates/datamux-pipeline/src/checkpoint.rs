@@ -111,10 +111,18 @@ pub fn lock(dir: &Path, on_wait: impl FnOnce()) -> Result<datamux_data::lock::Lo
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    Ok(datamux_data::lock::Lock::acquire(
-        &dir.with_file_name(format!("{name}.lock")),
-        on_wait,
-    )?)
+    let lock =
+        datamux_data::lock::Lock::acquire(&dir.with_file_name(format!("{name}.lock")), on_wait)?;
+    // The only writer of `dir` now: a temporary of it is a killed writer's.
+    if let Some(up) = dir.parent() {
+        for e in std::fs::read_dir(up).into_iter().flatten().flatten() {
+            let other = e.file_name().to_string_lossy().into_owned();
+            if other.starts_with(&format!(".{name}.tmp-")) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    Ok(lock)
 }
 
 /// Start `vars` (a model at N instances) from `saved`, the variables of the same model trained at

@@ -456,7 +456,8 @@ fn real_main() -> Result<u8> {
             Ok(Outcome::SUCCESS)
         }
         Cmd::Report { root } => {
-            let written = report::write_reports(&root, &format!("datamux report {}", root.display()))?;
+            let written =
+                report::write_reports(&root, &format!("datamux report {}", root.display()))?;
             if written.is_empty() {
                 bail!(
                     "{} holds no experiment tables (accuracy.parquet or speed.parquet in a folder per experiment)",

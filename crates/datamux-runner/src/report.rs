@@ -479,6 +479,8 @@ pub fn experiment_dirs(root: &Path) -> Result<Vec<PathBuf>> {
 pub fn write_reports(root: &Path, command: &str) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for dir in experiment_dirs(root)? {
+        // The folder's lock, as every writer of it holds (a run still writing waits for this).
+        let _lock = datamux_data::lock::Lock::folder(&dir, || {})?;
         let md = render(&dir, command)?;
         let path = dir.join("README.md");
         datamux_data::atomic::write_bytes(&path, md.as_bytes())?;

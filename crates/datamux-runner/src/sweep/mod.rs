@@ -101,6 +101,10 @@ impl Tables {
             accuracy: Vec::new(),
             speed: Vec::new(),
         };
+        let _lock = t.lock()?;
+        // Every write into the folder holds its lock, so a temporary found while holding it
+        // is a killed writer's.
+        datamux_data::atomic::remove_stale(dir)?;
         t.reload()?;
         Ok(t)
     }
@@ -204,11 +208,11 @@ pub fn run(plan: &Plan) -> Result<Outcome> {
         {
             let _lock = t.lock()?;
             write_resolved(&dir, exp, &t.run_ids())?;
+            datamux_data::atomic::write_bytes(
+                &dir.join("env.txt"),
+                crate::provenance::env_txt(&plan.command).as_bytes(),
+            )?;
         }
-        datamux_data::atomic::write_bytes(
-            &dir.join("env.txt"),
-            crate::provenance::env_txt(&plan.command).as_bytes(),
-        )?;
         let done = results::finished(&t.accuracy);
         let done_speed = results::finished(&t.speed);
         let unavailable: BTreeSet<&str> = t
