@@ -436,7 +436,7 @@ fn a_full_disk_says_so_with_the_path_and_leaves_the_table() {
         best_step: 1,
         train_seconds: 1.0,
     };
-    results::write_table(&path, &[row.clone()]).unwrap();
+    results::write_table(&path, std::slice::from_ref(&row)).unwrap();
     let before = std::fs::read(&path).unwrap();
     let err =
         results::write_table_through(&path, &[row.clone(), row], |f| Full { inner: f, room: 64 })
