@@ -152,6 +152,24 @@ impl Split {
         }
     }
 
+    /// An error about example `i`, placed where a user finds it: the dataset, the split, the
+    /// file (its path) and the file's own row, whatever order a holdout or a limit put the
+    /// examples in. A leading `row <i>: ` of `message` (the position in this split) is dropped.
+    pub fn error_at(&self, i: usize, message: &str) -> String {
+        let message = message
+            .strip_prefix(&format!("row {i}: "))
+            .unwrap_or(message);
+        let (file, row) = self.rows.get(i).copied().unwrap_or((0, i));
+        let file = self
+            .files
+            .get(file)
+            .map_or_else(|| "?".into(), |f| f.display().to_string());
+        format!(
+            "dataset `{}` split `{}`, {file} row {row}: {message}",
+            self.dataset, self.split
+        )
+    }
+
     /// Where example `i` came from: `train.parquet row 5`.
     pub fn origin(&self, i: usize) -> String {
         let (file, row) = self.rows.get(i).copied().unwrap_or((0, i));

@@ -360,7 +360,7 @@ fn a_warm_up_from_a_smaller_n_carries_that_run() {
         "{TEXT}[[variant]]\nwhen = {{ n_instances = [3] }}\nwarmup = {{ from_n = 3 }}\n"
     ));
     assert!(
-        e.contains("warmup.from_n must be in 1..3 (a smaller N), got 3"),
+        e.contains("warmup.from_n must be a smaller N, in 1..3, got 3"),
         "{e}"
     );
     let e = err(&format!(

@@ -149,7 +149,11 @@ pub fn text_lines(split: &Split) -> Vec<String> {
 
 /// A split as token ids and labels, and the head it needs.
 pub fn text_data(split: &Split, tk: &TextTokenizer) -> Result<(TextData, HeadKind)> {
-    let ctx = || format!("dataset `{}` split `{}`", split.dataset, split.split);
+    // An input error names the file and its own row (`Split::error_at`).
+    let place = |e: crate::tokenizer::TextError| match e.row() {
+        Some(row) => anyhow::anyhow!("{}", split.error_at(row, &e.to_string())),
+        None => anyhow::anyhow!("dataset `{}` split `{}`: {e}", split.dataset, split.split),
+    };
     let classes = split.label_names.len();
     Ok(match &split.examples {
         Examples::Text {
@@ -159,12 +163,12 @@ pub fn text_data(split: &Split, tk: &TextTokenizer) -> Result<(TextData, HeadKin
         } => (
             TextData::Sentences(
                 SentenceData::encode(tk, texts, pairs.as_deref(), labels, classes)
-                    .with_context(ctx)?,
+                    .map_err(place)?,
             ),
             HeadKind::Sentence,
         ),
         Examples::Tokens { tokens, tags } => (
-            TextData::Tokens(TokenData::encode(tk, tokens, tags, classes).with_context(ctx)?),
+            TextData::Tokens(TokenData::encode(tk, tokens, tags, classes).map_err(place)?),
             HeadKind::Token,
         ),
         _ => bail!("dataset `{}` is not a text task", split.dataset),

@@ -45,6 +45,19 @@ pub enum TextError {
     MissingSpecial(&'static str),
 }
 
+impl TextError {
+    /// The example (its position in the split) an input error is about.
+    pub fn row(&self) -> Option<usize> {
+        match self {
+            Self::Empty { row }
+            | Self::Label { row, .. }
+            | Self::TagCount { row, .. }
+            | Self::Encode { row, .. } => Some(*row),
+            _ => None,
+        }
+    }
+}
+
 pub const PAD: &str = "[PAD]";
 pub const UNK: &str = "[UNK]";
 pub const CLS: &str = "[CLS]";

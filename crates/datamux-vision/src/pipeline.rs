@@ -45,16 +45,12 @@ fn image_data(split: &Split, spec: &ImageSpec) -> Result<ImageData> {
         bail!("dataset `{}` is not an image dataset", split.dataset);
     };
     ImageData::decode(images, labels, spec).map_err(|e| {
-        let at = match &e {
+        let row = match &e {
             VisionError::Decode { row, .. }
             | VisionError::TooSmall { row, .. }
-            | VisionError::Count { row, .. } => split.origin(*row),
+            | VisionError::Count { row, .. } => *row,
         };
-        anyhow::anyhow!(
-            "dataset `{}` split `{}`, {at}: {e}",
-            split.dataset,
-            split.split
-        )
+        anyhow::anyhow!("{}", split.error_at(row, &e.to_string()))
     })
 }
 

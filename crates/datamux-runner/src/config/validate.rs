@@ -175,8 +175,13 @@ fn check_warmup(w: &WarmupConfig, n: usize, demux: DemuxKind) -> Result<()> {
     }
     if let Some(from) = w.from_n {
         ensure!(
+            n > 1,
+            "warmup.from_n = {from} on a run at N = 1: there is no smaller N to start from \
+             (set it in a variant for N > 1)"
+        );
+        ensure!(
             from >= 1 && from < n,
-            "warmup.from_n must be in 1..{n} (a smaller N), got {from}"
+            "warmup.from_n must be a smaller N, in 1..{n}, got {from}"
         );
         ensure!(
             demux == DemuxKind::Index,
