@@ -47,18 +47,13 @@ fn frame_data(split: &Split, cfg: &Config) -> Result<FrameData> {
         cfg.max_frames,
         cfg.normalise,
     )
-    .map_err(|e| {
-        let at = match &e {
-            crate::AudioError::Ragged { row, .. }
-            | crate::AudioError::Empty { row }
-            | crate::AudioError::Label { row, .. } => format!(", {}", split.origin(*row)),
-            _ => String::new(),
-        };
-        anyhow::anyhow!(
-            "dataset `{}` split `{}`{at}: {e}",
-            split.dataset,
-            split.split
-        )
+    .map_err(|e| match &e {
+        crate::AudioError::Ragged { row, .. }
+        | crate::AudioError::Empty { row }
+        | crate::AudioError::Label { row, .. } => {
+            anyhow::anyhow!("{}", split.error_at(*row, &e.to_string()))
+        }
+        _ => anyhow::anyhow!("dataset `{}` split `{}`: {e}", split.dataset, split.split),
     })
 }
 
@@ -111,6 +106,39 @@ impl Modality for Audio {
         run.mux_config()
             .validate(cfg.encoder.hidden_size, true, "the audio encoder")?;
         Ok(())
+    }
+
+    fn memory_shape(
+        &self,
+        run: &RunConfig,
+        _env: &datamux_pipeline::Env,
+    ) -> Result<Option<datamux_pipeline::memory::Shape>> {
+        let cfg = settings(run)?;
+        let e = &cfg.encoder;
+        let n = run.model.n_instances as u64;
+        let (d, ffn, layers) = (
+            e.hidden_size as u64,
+            e.intermediate_size as u64,
+            e.num_hidden_layers as u64,
+        );
+        let seq = cfg.max_frames as u64 + n + 1;
+        Ok(Some(datamux_pipeline::memory::Shape {
+            params: seq * d
+                + layers * (4 * d * d + 2 * d * ffn)
+                + datamux_pipeline::memory::mux_demux_params(
+                    n,
+                    d,
+                    run.model.mux.kind,
+                    run.model.demux.kind,
+                ),
+            rows: (run.train.batch_size as u64).div_ceil(n),
+            seq,
+            width: d,
+            ffn,
+            heads: e.num_attention_heads as u64,
+            layers,
+            outputs: 16,
+        }))
     }
 
     fn model_size(&self, run: &RunConfig) -> Result<String> {

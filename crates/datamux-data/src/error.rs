@@ -37,15 +37,16 @@ pub enum DataError {
         hint: String,
     },
     #[error(
-        "dataset `{dataset}` split `{split}`: downloading {file} from {repo}@{revision} failed: {message}"
+        "dataset `{dataset}` split `{split}`: downloading {what} failed: {message}; before that, looked for: {}", looked.join(", ")
     )]
     Download {
         dataset: String,
         split: String,
-        repo: String,
-        revision: String,
-        file: String,
+        /// `<file> from <repo>@<revision>`.
+        what: String,
         message: String,
+        /// The local places tried first (the mirror, the shipped data, the hf-hub cache).
+        looked: Vec<String>,
     },
     #[error("dataset `{dataset}` split `{split}`: cannot read {}: {message}", path.display())]
     Parquet {

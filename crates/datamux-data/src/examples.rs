@@ -154,10 +154,12 @@ impl Split {
 
     /// An error about example `i`, placed where a user finds it: the dataset, the split, the
     /// file (its path) and the file's own row, whatever order a holdout or a limit put the
-    /// examples in. A leading `row <i>: ` of `message` (the position in this split) is dropped.
+    /// examples in. A leading `row <i>: ` or `example <i>: ` of `message` (the position in this
+    /// split) is dropped.
     pub fn error_at(&self, i: usize, message: &str) -> String {
         let message = message
             .strip_prefix(&format!("row {i}: "))
+            .or_else(|| message.strip_prefix(&format!("example {i}: ")))
             .unwrap_or(message);
         let (file, row) = self.rows.get(i).copied().unwrap_or((0, i));
         let file = self

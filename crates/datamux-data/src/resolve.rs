@@ -151,7 +151,7 @@ impl Resolver {
                 if self.offline {
                     hints.push(format!("allow downloads (unset HF_HUB_OFFLINE, drop --offline) to fetch it from {}", hub.repo));
                 } else {
-                    return self.download(entry, split, hub, repo, files);
+                    return self.download(entry, split, hub, repo, files, looked);
                 }
             }
         }
@@ -170,6 +170,7 @@ impl Resolver {
         hub: &crate::catalogue::Hub,
         repo: Repo,
         files: &[String],
+        looked: Vec<String>,
     ) -> Result<Resolved, DataError> {
         let attempt = || hub_download(&self.hub_cache, repo, files);
         let marks = self.hub_attempts.as_deref();
@@ -178,10 +179,9 @@ impl Resolver {
                 DataError::Download {
                     dataset: entry.name.clone(),
                     split: split.to_string(),
-                    repo: hub.repo.clone(),
-                    revision: hub.revision.clone(),
-                    file,
+                    what: format!("{file} from {}@{}", hub.repo, hub.revision),
                     message,
+                    looked,
                 }
             })?;
         Ok(Resolved {
@@ -251,6 +251,34 @@ mod tests {
         resolver.shipped_dir = None;
         let err = resolver.resolve(entry, "test").unwrap_err().to_string();
         assert!(err.contains("no data directory set"), "{err}");
+        Ok(())
+    }
+
+    /// Online, a split that neither the mirror nor the hub gives names the local paths it
+    /// looked for beside the hub's error (a DNS failure alone says nothing about the mirror).
+    #[test]
+    fn a_failed_download_names_the_local_paths_too() -> Result<(), Box<dyn std::error::Error>> {
+        let cat = Catalogue::builtin()?;
+        let entry = cat.get("mnist")?;
+        let mirror = tempfile::tempdir()?;
+        let cache = tempfile::tempdir()?;
+        let marks = tempfile::tempdir()?;
+        // This run already failed on the repository: no network is tried here.
+        std::fs::write(
+            marks.path().join("ylecun-mnist.failed"),
+            "mnist/test-00000-of-00001.parquet\tdns error: failed to lookup address",
+        )?;
+        let mut resolver = Resolver::new(
+            Some(mirror.path().to_path_buf()),
+            "test",
+            cache.path().to_path_buf(),
+            false,
+        )?;
+        resolver.hub_attempts = Some(marks.path().to_path_buf());
+        let err = resolver.resolve(entry, "test").unwrap_err().to_string();
+        assert!(err.contains("dns error"), "{err}");
+        let local = mirror.path().join("mnist/test.parquet");
+        assert!(err.contains(&local.display().to_string()), "{err}");
         Ok(())
     }
 }

@@ -17,6 +17,7 @@
 
 pub mod checkpoint;
 pub mod eval;
+pub mod memory;
 pub mod modality;
 pub mod settings;
 pub mod speed;

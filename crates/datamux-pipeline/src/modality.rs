@@ -158,6 +158,13 @@ pub trait Modality: Sync {
     /// A size label for the tables (`4x64p7`, `16-32-128`, ...).
     fn model_size(&self, run: &RunConfig) -> Result<String>;
 
+    /// The shape of the run's model and batch, for the memory estimate that refuses a run
+    /// that cannot fit (`memory::bytes`); `None` where the modality gives none. `env` says
+    /// where a pretrained model's config is (read locally, never downloaded).
+    fn memory_shape(&self, _run: &RunConfig, _env: &Env) -> Result<Option<crate::memory::Shape>> {
+        Ok(None)
+    }
+
     /// Whether `backbone` keeps positions (so takes a demux prefix; the report's ideal speedup).
     fn is_sequence(&self, backbone: &str) -> Result<bool>;
 

@@ -9,7 +9,7 @@ use datamux_data::Catalogue;
 use datamux_pipeline::{Env, SpeedConfig, Tick};
 use datamux_runner::job::Job;
 use datamux_runner::sweep::{self, Message, Outcome, Plan};
-use datamux_runner::{config, report, reproduce};
+use datamux_runner::{config, registry, report, reproduce};
 
 // Allocation dominates small training steps; mimalloc cut one by ~35 % here (house-style §2.14),
 // and keeping freed memory (`main`) saves re-zeroing it (docs/performance.md).
@@ -368,12 +368,29 @@ fn real_main() -> Result<u8> {
             profile,
             data,
         } => {
+            let env = env_for(&data, &profile)?;
             for e in sweep::load_experiments(&paths, &profile, &[], &catalogue(&data)?)? {
+                // The largest memory estimate, as `run` checks it against the machine.
+                let largest = e
+                    .runs
+                    .iter()
+                    .filter_map(|r| {
+                        let shape = registry::modality(&r.modality)
+                            .ok()?
+                            .memory_shape(r, &env)
+                            .ok()??;
+                        Some((datamux_pipeline::memory::bytes(&shape, false), r.run_id()))
+                    })
+                    .max();
                 println!(
-                    "{}: {} run(s) at profile {}",
+                    "{}: {} run(s) at profile {}{}",
                     e.name,
                     e.runs.len(),
-                    e.profile
+                    e.profile,
+                    largest.map_or(String::new(), |(b, id)| format!(
+                        "; largest memory estimate {} ({id})",
+                        datamux_pipeline::memory::gib(b)
+                    ))
                 );
             }
             Ok(Outcome::SUCCESS)

@@ -492,3 +492,68 @@ fn every_size_of_a_grid_has_an_n1_speed_point() {
             .all(|s| quick.runs.iter().any(|r| r.run_id() == s.run_id()))
     );
 }
+
+/// The memory estimate refuses no run of the committed grids on a machine like this one (24 GiB,
+/// two runs side by side), and refuses what cannot fit anywhere.
+#[test]
+fn every_committed_run_fits_the_memory_estimate_of_this_machine() {
+    use datamux_runner::job::Job;
+    use datamux_runner::sweep::too_big;
+    let files = datamux_runner::sweep::experiment_files(&[experiments_dir()]).unwrap();
+    let machine = Some(24u64 << 30);
+    let env = datamux_pipeline::Env {
+        data_dir: None,
+        // The committed tiny models only: a pretrained run is estimated at BERT-base.
+        models_dir: None,
+        offline: true,
+        runs_dir: std::env::temp_dir(),
+        cache_dir: std::env::temp_dir(),
+        profile: "quick".into(),
+        hub_attempts: None,
+    };
+    let mut largest = (0u64, String::new());
+    for f in &files {
+        for profile in ["quick", "standard"] {
+            let e = load(f, profile, &[]).unwrap();
+            for r in &e.runs {
+                let job = Job::Train(r.clone());
+                assert_eq!(
+                    too_big(&job, &env, machine, 2),
+                    None,
+                    "{profile}: {}",
+                    r.run_id()
+                );
+                let m = datamux_runner::registry::modality(&r.modality).unwrap();
+                let shape = m.memory_shape(r, &env).unwrap().unwrap();
+                let b = datamux_pipeline::memory::bytes(&shape, false);
+                if b > largest.0 {
+                    largest = (b, format!("{profile} {}", r.run_id()));
+                }
+            }
+            for r in &e.speed {
+                assert_eq!(
+                    too_big(&Job::Speed(r.clone()), &env, machine, 1),
+                    None,
+                    "{}",
+                    r.run_id()
+                );
+            }
+        }
+    }
+    eprintln!(
+        "largest estimate: {} ({})",
+        datamux_pipeline::memory::gib(largest.0),
+        largest.1
+    );
+    let huge = [config::parse_override("sweep.n_instances=[1024]").unwrap()];
+    let e = load(
+        &experiments_dir().join("text-sentence.toml"),
+        "quick",
+        &huge,
+    );
+    // Refused by the batch rule first (a batch must hold N instances) or by the estimate.
+    if let Ok(e) = e {
+        let why = too_big(&Job::Train(e.runs[0].clone()), &env, machine, 2);
+        assert!(why.is_some_and(|w| w.contains("available")));
+    }
+}

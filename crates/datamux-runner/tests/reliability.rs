@@ -452,3 +452,24 @@ fn a_full_disk_says_so_with_the_path_and_leaves_the_table() {
         .collect();
     assert_eq!(names, ["accuracy.parquet"]);
 }
+
+#[test]
+fn a_run_that_cannot_fit_is_refused_with_both_figures() {
+    let ws = workspace();
+    let dir = ws.path();
+    write_tiny(dir);
+    // A machine with 900 MiB for the runs: below the process's own allowance of every run.
+    let mut c = run_tiny(dir, "out", &["--jobs", "2"]);
+    c.env("DATAMUX_MEMORY_LIMIT", "900MiB");
+    let o = output(c);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("needs about") && e.contains("0.9 GiB are available"),
+        "{e}"
+    );
+    assert!(e.contains("for each of 2 runs side by side"), "{e}");
+    let rows = accuracy(&dir.join("out/tiny"));
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r.id.error.contains("needs about")));
+}

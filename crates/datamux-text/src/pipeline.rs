@@ -133,6 +133,26 @@ pub fn tokenizer(
     Ok(tk)
 }
 
+/// (layers, width, FFN, heads, vocabulary) of a pretrained model from its local `config.json`.
+fn pretrained_sizes(
+    repo: &str,
+    revision: Option<&str>,
+    env: &datamux_pipeline::Env,
+) -> Option<(u64, u64, u64, u64, u64)> {
+    let resolver = ModelResolver::from_env(env.models_dir.clone(), true).ok()?;
+    let found = resolver.resolve(repo, revision, &["config.json"]).ok()?;
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(found.files.first()?).ok()?).ok()?;
+    let get = |k: &str| cfg.get(k).and_then(serde_json::Value::as_u64);
+    Some((
+        get("num_hidden_layers")?,
+        get("hidden_size")?,
+        get("intermediate_size")?,
+        get("num_attention_heads")?,
+        get("vocab_size")?,
+    ))
+}
+
 /// The raw text of a split, one string per sentence (pairs as two) or per word sequence.
 pub fn text_lines(split: &Split) -> Vec<String> {
     match &split.examples {
@@ -316,6 +336,67 @@ impl Modality for Text {
         Ok(())
     }
 
+    /// A pretrained backbone's sizes come from its `config.json` where the models folder or the
+    /// hf-hub cache has it (never downloaded for this); else BERT-base's (12 x 768, FFN 3072,
+    /// 12 heads, a 30 522-token vocabulary), erring on the large side.
+    fn memory_shape(
+        &self,
+        run: &RunConfig,
+        env: &datamux_pipeline::Env,
+    ) -> Result<Option<datamux_pipeline::memory::Shape>> {
+        let text = settings(run)?;
+        let n = run.model.n_instances as u64;
+        let (layers, d, ffn, heads, vocab) = if let Some(repo) = &text.pretrained {
+            pretrained_sizes(repo, text.revision.as_deref(), env)
+                .unwrap_or((12, 768, 3072, 12, 30_522))
+        } else {
+            let e = text.encoder();
+            let (l, d, f, h) = (
+                e.num_hidden_layers,
+                e.hidden_size,
+                e.intermediate_size,
+                e.num_attention_heads,
+            );
+            (
+                l as u64,
+                d as u64,
+                f as u64,
+                h as u64,
+                text.vocab_size as u64,
+            )
+        };
+        let batch = if run.warmup.enabled {
+            run.train.batch_size.max(run.warmup.batch_size)
+        } else {
+            run.train.batch_size
+        } as u64;
+        let prefix = if run.model.demux.kind == datamux_core::DemuxKind::Index {
+            n + 1
+        } else {
+            0
+        };
+        let max_len = text.max_length as u64;
+        Ok(Some(datamux_pipeline::memory::Shape {
+            params: vocab * d
+                + (max_len + prefix) * d
+                + layers * (4 * d * d + 2 * d * ffn)
+                + datamux_pipeline::memory::mux_demux_params(
+                    n,
+                    d,
+                    run.model.mux.kind,
+                    run.model.demux.kind,
+                ),
+            rows: batch.div_ceil(n),
+            seq: max_len + prefix,
+            width: d,
+            ffn,
+            heads,
+            layers,
+            // The retrieval head scores the vocabulary at every position.
+            outputs: vocab,
+        }))
+    }
+
     /// `LxD` from scratch; the repository's name for a pretrained backbone.
     fn model_size(&self, run: &RunConfig) -> Result<String> {
         let text = settings(run)?;
@@ -403,5 +484,44 @@ impl Modality for Text {
         let len = settings(run)?.max_length;
         task.fixed_len = Some(len);
         stages::time(&task, &data, run, len, ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datamux_data::Source;
+
+    use super::*;
+
+    /// A bad example is named by its file and the file's own row, not by its position after a
+    /// holdout reordered the split.
+    #[test]
+    fn an_empty_text_names_the_file_row() {
+        let texts: Vec<String> = ["a good one", "", "another good one"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let split = Split {
+            dataset: "d".into(),
+            split: "validation".into(),
+            source: Source::Local {
+                folder: "/m/d".into(),
+            },
+            files: vec!["/m/d/train.parquet".into()],
+            label_names: vec!["no".into(), "yes".into()],
+            // Held out of train: file rows 4, 1 and 9.
+            rows: vec![(0, 4), (0, 1), (0, 9)],
+            examples: Examples::Text {
+                texts: texts.clone(),
+                pairs: None,
+                labels: vec![0, 1, 0],
+            },
+        };
+        let tk = TextTokenizer::train(["a good one another"].into_iter(), 50, true, 8).unwrap();
+        let err = text_data(&split, &tk).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "dataset `d` split `validation`, /m/d/train.parquet row 1: empty text"
+        );
     }
 }

@@ -104,6 +104,71 @@ impl Modality for Vision {
         Ok(())
     }
 
+    fn memory_shape(
+        &self,
+        run: &RunConfig,
+        _env: &datamux_pipeline::Env,
+    ) -> Result<Option<datamux_pipeline::memory::Shape>> {
+        use datamux_pipeline::memory::{Shape, mux_demux_params};
+        let (spec, cfg) = settings(run)?;
+        let n = run.model.n_instances as u64;
+        let batch = run.train.batch_size as u64;
+        let pixels = (spec.size * spec.size * spec.channels) as u64;
+        let (width, _) = cfg.widths(arch(run)?);
+        let mux = mux_demux_params(n, width as u64, run.model.mux.kind, run.model.demux.kind);
+        Ok(Some(match arch(run)? {
+            // Per-instance stems: every instance is its own row until the mux.
+            Arch::Mlp => {
+                let h = cfg.mlp.hidden_size as u64;
+                Shape {
+                    params: pixels * h + cfg.mlp.num_layers as u64 * h * h + mux,
+                    rows: batch,
+                    seq: 1,
+                    width: h,
+                    ffn: h,
+                    heads: 0,
+                    layers: cfg.mlp.num_layers as u64 + 1,
+                    outputs: 10,
+                }
+            }
+            // A feature map per instance at full resolution: its pixels are the positions.
+            Arch::Lenet | Arch::Resnet => {
+                let c = cfg.cnn.channels.iter().copied().max().unwrap_or(1) as u64;
+                let h = cfg.cnn.hidden_size as u64;
+                Shape {
+                    params: cfg.cnn.channels.len() as u64 * 9 * c * c + pixels * h / 16 + mux,
+                    rows: batch,
+                    seq: (spec.size * spec.size) as u64,
+                    width: c.max(cfg.cnn.stem_channels as u64),
+                    ffn: 0,
+                    heads: 0,
+                    layers: cfg.cnn.channels.len() as u64 + 1,
+                    outputs: 10,
+                }
+            }
+            Arch::Vit => {
+                let e = &cfg.vit.encoder;
+                let (d, ffn, layers) = (
+                    e.hidden_size as u64,
+                    e.intermediate_size as u64,
+                    e.num_hidden_layers as u64,
+                );
+                let patches = (spec.size / cfg.vit.patch_size.max(1)).pow(2) as u64;
+                let seq = patches + n + 1;
+                Shape {
+                    params: pixels * d + seq * d + layers * (4 * d * d + 2 * d * ffn) + mux,
+                    rows: batch.div_ceil(n),
+                    seq,
+                    width: d,
+                    ffn,
+                    heads: e.num_attention_heads as u64,
+                    layers,
+                    outputs: 10,
+                }
+            }
+        }))
+    }
+
     fn model_size(&self, run: &RunConfig) -> Result<String> {
         let (_, cfg) = settings(run)?;
         Ok(match arch(run)? {
@@ -153,5 +218,42 @@ impl Modality for Vision {
             Arch::Lenet | Arch::Resnet => spec.size.pow(2),
         };
         stages::time(&task, &data, run, seq_len, ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datamux_data::Source;
+
+    use super::*;
+
+    /// An image that does not decode is named by its file and the file's own row.
+    #[test]
+    fn a_bad_image_names_the_file_row() {
+        let split = Split {
+            dataset: "mnist".into(),
+            split: "validation".into(),
+            source: Source::Local {
+                folder: "/m/mnist".into(),
+            },
+            files: vec!["/m/mnist/train.parquet".into()],
+            label_names: (0..10).map(|d| d.to_string()).collect(),
+            // Held out of train and reordered: the bad image is file row 5, split position 0.
+            rows: vec![(0, 5)],
+            examples: Examples::Images {
+                images: vec![b"not an image".to_vec()],
+                labels: vec![3],
+            },
+        };
+        let err = image_data(&split, &ImageSpec::mnist())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "dataset `mnist` split `validation`, /m/mnist/train.parquet row 5: cannot decode"
+            ),
+            "{err}"
+        );
+        assert!(!err.contains("row 0"), "{err}");
     }
 }

@@ -165,6 +165,52 @@ pub(super) fn finished_in(dir: &Path, job: &Job) -> Result<bool> {
     })
 }
 
+/// Why `job` cannot run here: its memory estimate (`datamux_pipeline::memory`) above what
+/// the machine has available for each of the `side_by_side` jobs; `None` when it fits or has no
+/// estimate.
+pub fn too_big(
+    job: &Job,
+    env: &datamux_pipeline::Env,
+    available: Option<u64>,
+    side_by_side: usize,
+) -> Option<String> {
+    use datamux_pipeline::memory;
+    let run = job.run();
+    let available = available?;
+    let mut shape = registry::modality(&run.modality)
+        .ok()?
+        .memory_shape(run, env)
+        .ok()??;
+    let speed = matches!(job, Job::Speed(_));
+    if speed {
+        let n = run.model.n_instances.max(1);
+        let rows = run
+            .speed
+            .rows_per_call
+            .unwrap_or(run.speed.batch_instances.div_ceil(n));
+        shape.rows = rows as u64;
+    }
+    let need = memory::bytes(&shape, speed);
+    let share = available / side_by_side.max(1) as u64;
+    (need > share).then(|| {
+        format!(
+            "needs about {} of memory (estimated from its shape: {} rows of {} positions, width {}, {} outputs a position), but {} are available{}; lower N or the batch size{}",
+            memory::gib(need),
+            shape.rows,
+            shape.seq,
+            shape.width,
+            shape.outputs,
+            memory::gib(available),
+            if side_by_side > 1 {
+                format!(", {} for each of {side_by_side} runs side by side", memory::gib(share))
+            } else {
+                String::new()
+            },
+            if side_by_side > 1 { ", or run with --jobs 1" } else { "" }
+        )
+    })
+}
+
 /// A rough cost of a run for scheduling: muxed rows processed over all steps.
 fn job_cost(r: &RunConfig) -> usize {
     let n = r.model.n_instances.max(1);
@@ -247,6 +293,30 @@ pub fn run(plan: &Plan) -> Result<Outcome> {
         total - train_list.len(),
         speed_list.len()
     );
+    // Runs that cannot fit are refused here, with both figures, before any worker starts.
+    let available = datamux_pipeline::memory::available();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut refused = 0;
+    for (list, side_by_side) in [(&mut train_list, plan.jobs), (&mut speed_list, 1)] {
+        let mut kept = Vec::new();
+        for (i, job) in list.drain(..) {
+            match too_big(&job, &plan.env, available, side_by_side) {
+                Some(why) => {
+                    eprintln!("refused {}: {why}", job.run().run_id());
+                    let e = anyhow::anyhow!("{why}");
+                    tables[i].add(crate::job::failed_result(&job, &plan.env, &e))?;
+                    refused += 1;
+                }
+                None => kept.push((i, job)),
+            }
+        }
+        *list = kept;
+    }
+    if refused > 0 {
+        eprintln!("{refused} job(s) refused: they cannot fit in this machine's memory");
+    }
     // Longest first, so side-by-side workers finish together: cost ~ rows x steps.
     train_list.sort_by_key(|(_, job)| std::cmp::Reverse(job_cost(job.run())));
     workers::run_jobs(
@@ -258,9 +328,6 @@ pub fn run(plan: &Plan) -> Result<Outcome> {
         |exp, _, r| tables[exp].add(r),
     )?;
     // Timing runs alone, with every core: nothing else may run beside a measurement.
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
     workers::run_jobs(speed_list, plan, 1, cores, "speed points", |exp, _, r| {
         tables[exp].add(r)
     })?;
