@@ -99,15 +99,21 @@ pub fn write_bytes(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_with(path, |w| w.write_all(bytes))
 }
 
-/// Write `path` with a writer that takes a path of its own (safetensors, tokenizers): it gets
-/// the temporary's path.
+/// Write `path` with a writer that takes a path of its own (safetensors, tokenizers, plots):
+/// it gets the temporary's path, which ends in the target's extension (a writer that picks
+/// the format by it, as plotters does, picks the same).
 pub fn write_path<E: Display>(
     path: &Path,
     write: impl FnOnce(&Path) -> Result<(), E>,
 ) -> io::Result<()> {
     let dir = parent(path);
+    let suffix = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
     let tmp = tempfile::Builder::new()
         .prefix(&temp_prefix(path))
+        .suffix(&suffix)
         .tempfile_in(dir)
         .map_err(|e| named(dir, "create a file in", e))?;
     write(tmp.path()).map_err(|e| named(path, "write", e))?;

@@ -29,11 +29,12 @@ fn register_font() {
         plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular());
 }
 
-/// Draw `curves` into `path` (an 880 x 560 chart and a 540-pixel legend panel).
+/// Draw `curves` into `path` (an 880 x 560 chart and a 540-pixel legend panel), whole or not at
+/// all (through a temporary file, `datamux_data::atomic`).
 pub fn draw(path: &Path, title: &str, ylabel: &str, curves: &[Curve]) -> Result<()> {
     register_font();
-    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
-        let root = BitMapBackend::new(path, (1420, 560)).into_drawing_area();
+    let draw = |tmp: &Path| -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let root = BitMapBackend::new(tmp, (1420, 560)).into_drawing_area();
         root.fill(&WHITE)?;
         let (left, legend) = root.split_horizontally(880);
         let mut ns: Vec<f64> = curves
@@ -151,5 +152,6 @@ pub fn draw(path: &Path, title: &str, ylabel: &str, curves: &[Curve]) -> Result<
         root.present()?;
         Ok(())
     };
-    draw().map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", path.display()))
+    datamux_data::atomic::write_path(path, draw)
+        .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", path.display()))
 }
