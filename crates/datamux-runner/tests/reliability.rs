@@ -186,7 +186,10 @@ fn a_worker_panic_reaches_the_table_and_the_exit_code() {
         let e = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{e}");
         assert!(
-            e.contains("line ") && e.contains(rule) && !e.contains("panicked"),
+            e.contains("bad.toml:")
+                && e.contains(&format!("[speed] `{key} = {bad}`"))
+                && e.contains(rule)
+                && !e.contains("panicked"),
             "{e}"
         );
     }

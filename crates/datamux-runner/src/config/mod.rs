@@ -100,15 +100,34 @@ fn speed_points(modality: &dyn datamux_pipeline::Modality, runs: &[RunConfig]) -
     points
 }
 
-fn parse_wire(text: &str, shown: &str) -> Result<WireExperiment> {
+/// Parse an experiment's text; an error says where: `file:line:column` in the user's own file
+/// (`at_lines`), the table and the line's text in both cases (a merged profile's line numbers
+/// are not the file's).
+fn parse_wire(text: &str, shown: &str, at_lines: bool) -> Result<WireExperiment> {
     toml::from_str(text).map_err(|e| {
-        let msg = e
-            .to_string()
+        let message = e.message().trim().to_string();
+        let Some(span) = e.span() else {
+            return anyhow::anyhow!("{shown}: {message}");
+        };
+        let start = span.start.min(text.len());
+        let line_no = text[..start].matches('\n').count() + 1;
+        let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let column = text[line_start..start].chars().count() + 1;
+        let line = text[line_start..].lines().next().unwrap_or("").trim();
+        // The table the line is in, for a line such as `dropout = 1.5`.
+        let table = text[..line_start]
             .lines()
-            .filter(|l| !l.trim().is_empty())
-            .collect::<Vec<_>>()
-            .join(" | ");
-        anyhow::anyhow!("{shown}: {msg}")
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('['))
+            .filter(|_| !line.starts_with('['))
+            .map(|t| format!("{t} "))
+            .unwrap_or_default();
+        if at_lines {
+            anyhow::anyhow!("{shown}:{line_no}:{column}: {table}`{line}`: {message}")
+        } else {
+            anyhow::anyhow!("{shown}: {table}`{line}`: {message}")
+        }
     })
 }
 
@@ -160,7 +179,7 @@ pub fn load(
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let shown = path.display().to_string();
     // The typed check of the whole file: unknown keys and wrong types with line and column.
-    let wire = parse_wire(&text, &shown)?;
+    let wire = parse_wire(&text, &shown, true)?;
     check_wire(&wire, &shown)?;
     let stem = path
         .file_stem()
@@ -219,6 +238,7 @@ pub fn load(
     let wire = parse_wire(
         &merged_text,
         &format!("{shown} (profile {profile}, overrides)"),
+        false,
     )?;
     let modality = check_wire(&wire, &format!("{shown} (profile {profile}, overrides)"))?;
     let table = raw.as_table_mut().context("experiment is not a table")?;
