@@ -194,7 +194,7 @@ pub fn too_big(
     let share = available / side_by_side.max(1) as u64;
     (need > share).then(|| {
         format!(
-            "needs about {} of memory (estimated from its shape: {} rows of {} positions, width {}, {} outputs a position), but {} are available{}; lower N or the batch size{}",
+            "needs about {} of memory (estimated from its shape: {} rows x {} positions, width {}, {} outputs per position), but {} are available{}; lower N or the batch size{}",
             memory::gib(need),
             shape.rows,
             shape.seq,
