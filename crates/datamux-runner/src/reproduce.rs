@@ -374,6 +374,13 @@ fn copy_finished(
         let dest = dest_of(&first.profile, &first.experiment);
         std::fs::create_dir_all(&dest)
             .with_context(|| format!("cannot create {}", dest.display()))?;
+        // The destination's lock, as a run writing there holds it (docs/reliability.md).
+        let _lock = datamux_data::lock::Lock::folder(&dest, || {
+            eprintln!(
+                "waiting for another datamux command writing {}",
+                dest.display()
+            );
+        })?;
         let done = results::finished(&acc);
         let done_speed = results::finished(&speed);
         if replace {

@@ -111,11 +111,15 @@ impl Tables {
 
     /// The folder's lock, held while a table or `resolved.toml` is read and written.
     fn lock(&self) -> Result<datamux_data::lock::Lock> {
+        // Said once per process: two runs on one folder meet at every write.
+        static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         Ok(datamux_data::lock::Lock::folder(&self.dir, || {
-            eprintln!(
-                "waiting for another datamux run writing {}",
-                self.dir.display()
-            );
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                eprintln!(
+                    "waiting for another datamux run writing {} (its writes and ours take turns)",
+                    self.dir.display()
+                );
+            }
         })?)
     }
 
