@@ -11,7 +11,7 @@ use std::process::Command;
 
 use datamux_runner::results::{self, AccuracyRow, Col, Row, SpeedRow, Status};
 
-use common::{datamux, experiment_names, mirror, root, stderr, workspace};
+use common::{datamux, experiment_names, mirror, root, stderr, tiny_vision, workspace};
 
 fn key_counts(rows: &[AccuracyRow]) -> BTreeMap<(String, String, String), usize> {
     let mut m = BTreeMap::new();
@@ -413,24 +413,7 @@ fn a_dataset_from_the_data_directory_catalogue_runs_without_rebuilding() {
     }
     std::fs::write(
         dir.join("experiments/mine.toml"),
-        r#"name = "mine"
-modality = "vision"
-[data]
-dataset = "my-digits"
-validation_holdout = 50
-[model]
-backbone = "mlp"
-mux = { kind = "gaussian_hadamard" }
-demux = { kind = "mlp" }
-[train]
-steps = 6
-batch_size = 8
-eval_every = 3
-[sweep]
-n_instances = [1, 2]
-[speed]
-enabled = false
-"#,
+        tiny_vision("mine", "my-digits", "[1, 2]", "[speed]\nenabled = false\n"),
     )
     .unwrap();
     let args = [

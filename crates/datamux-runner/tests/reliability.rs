@@ -13,18 +13,7 @@ use std::time::{Duration, Instant};
 
 use datamux_runner::results::{self, AccuracyRow, SpeedRow, Status};
 
-use common::{mirror, stderr, workspace};
-
-fn command(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_datamux"));
-    c.args(args)
-        .current_dir(dir)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HOME", dir.join("hf"))
-        .env_remove("DATAMUX_DATA_DIR")
-        .env_remove("DATAMUX_MODELS_DIR");
-    c
-}
+use common::{command, mirror, stderr, tiny_vision, values, workspace};
 
 fn output(mut c: Command) -> Output {
     c.output().expect("run datamux")
@@ -35,26 +24,12 @@ fn write_tiny(dir: &Path) -> PathBuf {
     let path = dir.join("experiments/tiny.toml");
     std::fs::write(
         &path,
-        r#"name = "tiny"
-modality = "vision"
-[data]
-dataset = "mnist"
-validation_holdout = 50
-[model]
-backbone = "mlp"
-mux = { kind = "gaussian_hadamard" }
-demux = { kind = "mlp" }
-[train]
-steps = 6
-batch_size = 8
-eval_every = 3
-[sweep]
-n_instances = [1, 2]
-[speed]
-batch_instances = 8
-iters = 2
-warmup_iters = 1
-"#,
+        tiny_vision(
+            "tiny",
+            "mnist",
+            "[1, 2]",
+            "[speed]\nbatch_instances = 8\niters = 2\nwarmup_iters = 1\n",
+        ),
     )
     .unwrap();
     path
@@ -99,23 +74,6 @@ fn run_text(dir: &Path, out: &str) -> Command {
 
 fn accuracy(dir: &Path) -> Vec<AccuracyRow> {
     results::read_table(&dir.join("accuracy.parquet")).unwrap()
-}
-
-/// (run, split, metric, value) of every row, sorted (runs finish in any order).
-fn values(rows: &[AccuracyRow]) -> Vec<(String, String, String, String)> {
-    let mut v: Vec<_> = rows
-        .iter()
-        .map(|r| {
-            (
-                r.id.run_id.clone(),
-                r.split.clone(),
-                r.metric.clone(),
-                format!("{:?}", r.value),
-            )
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 fn files_under(dir: &Path, found: &mut Vec<PathBuf>) {

@@ -9,7 +9,7 @@ use std::path::Path;
 use datamux_runner::reproduce::ComparisonRow;
 use datamux_runner::results::{self, AccuracyRow, Status};
 
-use common::{datamux, root, stderr, workspace};
+use common::{datamux, root, stderr, tiny_vision, values, workspace};
 
 /// A two-point MNIST experiment on the fixture, a few steps each, with one expectation that
 /// holds (accuracy >= 0) and, when `missing`, one about an N the sweep does not have.
@@ -25,49 +25,14 @@ fn write_grid(dir: &Path, missing: bool, ns: &str) {
     };
     std::fs::write(
         dir.join("experiments/tiny.toml"),
-        format!(
-            r#"name = "tiny"
-modality = "vision"
-[data]
-dataset = "mnist"
-validation_holdout = 50
-[model]
-backbone = "mlp"
-mux = {{ kind = "gaussian_hadamard" }}
-demux = {{ kind = "mlp" }}
-[train]
-steps = 6
-batch_size = 8
-eval_every = 3
-[sweep]
-n_instances = {ns}
-[speed]
-enabled = false
-[[expect]]
-min = 0.0
-{extra}"#
+        tiny_vision(
+            "tiny",
+            "mnist",
+            ns,
+            &format!("[speed]\nenabled = false\n[[expect]]\nmin = 0.0\n{extra}"),
         ),
     )
     .unwrap();
-}
-
-/// (run, split, metric, value) of every row, sorted: the table without its timing column and
-/// its order (runs finish in any order).
-fn values(rows: &[AccuracyRow]) -> Vec<(String, String, String, String)> {
-    let mut v: Vec<_> = rows
-        .iter()
-        .map(|r| {
-            let value = format!("{:?}", r.value);
-            (
-                r.id.run_id.clone(),
-                r.split.clone(),
-                r.metric.clone(),
-                value,
-            )
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 fn comparison(dir: &Path) -> Vec<ComparisonRow> {

@@ -12,16 +12,64 @@ pub fn root() -> PathBuf {
         .join("../..")
 }
 
-pub fn datamux(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_datamux"))
-        .args(args)
+/// The binary in `dir`, offline, with its own hf-hub cache and no data or models folder from
+/// the environment; for a test that sets more (an environment variable) or spawns it.
+pub fn command(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_datamux"));
+    c.args(args)
         .current_dir(dir)
         .env("HF_HUB_OFFLINE", "1")
         .env("HF_HOME", dir.join("hf"))
         .env_remove("DATAMUX_DATA_DIR")
-        .env_remove("DATAMUX_MODELS_DIR")
-        .output()
-        .expect("run datamux")
+        .env_remove("DATAMUX_MODELS_DIR");
+    c
+}
+
+pub fn datamux(dir: &Path, args: &[&str]) -> Output {
+    command(dir, args).output().expect("run datamux")
+}
+
+/// A two-point MNIST-shaped experiment (`n_instances` as given, the MLP, a few steps each) on
+/// `dataset`; `tail` is appended (a `[speed]` table, `[[expect]]`s).
+pub fn tiny_vision(name: &str, dataset: &str, ns: &str, tail: &str) -> String {
+    format!(
+        r#"name = "{name}"
+modality = "vision"
+[data]
+dataset = "{dataset}"
+validation_holdout = 50
+[model]
+backbone = "mlp"
+mux = {{ kind = "gaussian_hadamard" }}
+demux = {{ kind = "mlp" }}
+[train]
+steps = 6
+batch_size = 8
+eval_every = 3
+[sweep]
+n_instances = {ns}
+{tail}"#
+    )
+}
+
+/// (run, split, metric, value) of every row, sorted: a table without its timing columns and its
+/// order (runs finish in any order).
+pub fn values(
+    rows: &[datamux_runner::results::AccuracyRow],
+) -> Vec<(String, String, String, String)> {
+    let mut v: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.id.run_id.clone(),
+                r.split.clone(),
+                r.metric.clone(),
+                format!("{:?}", r.value),
+            )
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 pub fn stderr(o: &Output) -> String {
