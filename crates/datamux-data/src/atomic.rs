@@ -146,10 +146,34 @@ pub fn write_dir<E: Display>(
     Ok(())
 }
 
+/// The text of `path`, `None` when there is no such file (a table or settings file not
+/// written yet); any other error names the path.
+pub fn read_optional(path: &Path) -> io::Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("cannot read {}: {e}", path.display()),
+        )),
+    }
+}
+
 /// Remove the temporaries of this module's writers in `dir` (`.<name>.tmp-*`, files or
 /// folders): those of a process killed while writing. Only for a caller that holds the lock
 /// every writer of `dir` holds, so that no live writer's temporary is taken.
 pub fn remove_stale(dir: &Path) -> io::Result<()> {
+    remove_temporaries(dir, |name| name.starts_with('.') && name.contains(".tmp-"))
+}
+
+/// [`remove_stale`] for the temporaries of one target (`path`'s, beside it): for the holder of
+/// a lock on that target alone (a checkpoint folder).
+pub fn remove_stale_of(path: &Path) -> io::Result<()> {
+    let prefix = temp_prefix(path);
+    remove_temporaries(parent(path), |name| name.starts_with(&prefix))
+}
+
+fn remove_temporaries(dir: &Path, is_temporary: impl Fn(&str) -> bool) -> io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -157,8 +181,7 @@ pub fn remove_stale(dir: &Path) -> io::Result<()> {
     };
     for e in entries {
         let e = e.map_err(|e| named(dir, "read", e))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with('.') && name.contains(".tmp-")) {
+        if !is_temporary(&e.file_name().to_string_lossy()) {
             continue;
         }
         let path = e.path();

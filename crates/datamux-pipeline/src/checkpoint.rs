@@ -63,10 +63,8 @@ pub fn save(
 /// without a manifest was written before checkpoints had one: whole if loading it works.
 pub fn verify(dir: &Path) -> Result<()> {
     let manifest = dir.join(MANIFEST);
-    let text = match std::fs::read_to_string(&manifest) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", manifest.display())),
+    let Some(text) = datamux_data::atomic::read_optional(&manifest)? else {
+        return Ok(());
     };
     let files: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a manifest", manifest.display()))?;
@@ -113,15 +111,9 @@ pub fn lock(dir: &Path, on_wait: impl FnOnce()) -> Result<datamux_data::lock::Lo
         .unwrap_or_default();
     let lock =
         datamux_data::lock::Lock::acquire(&dir.with_file_name(format!("{name}.lock")), on_wait)?;
-    // The only writer of `dir` now: a temporary of it is a killed writer's.
-    if let Some(up) = dir.parent() {
-        for e in std::fs::read_dir(up).into_iter().flatten().flatten() {
-            let other = e.file_name().to_string_lossy().into_owned();
-            if other.starts_with(&format!(".{name}.tmp-")) {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
+    // The only writer of `dir` now: a temporary of it is a killed writer's. Best effort, as
+    // before: a leftover that cannot be removed does not stop the training.
+    let _ = datamux_data::atomic::remove_stale_of(dir);
     Ok(lock)
 }
 

@@ -409,11 +409,7 @@ fn copy_finished(
 /// kept from earlier runs were computed on the machines those sections name. A section already
 /// there is not repeated.
 fn publish_env(from: &Path, dest: &Path, replace: bool, revs: &BTreeSet<String>) -> Result<()> {
-    let read = |p: &Path| match std::fs::read_to_string(p) {
-        Ok(t) => Ok(t),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
-    };
+    let read = |p: &Path| datamux_data::atomic::read_optional(p).map(Option::unwrap_or_default);
     let new = read(from)?;
     if new.trim().is_empty() {
         return Ok(());
@@ -496,14 +492,12 @@ fn merge_resolved(
     speed: &std::collections::BTreeSet<String>,
 ) -> Result<()> {
     let read = |p: &Path| -> Result<Option<toml::Table>> {
-        match std::fs::read_to_string(p) {
-            Ok(text) => Ok(Some(
+        datamux_data::atomic::read_optional(p)?
+            .map(|text| {
                 text.parse::<toml::Table>()
-                    .with_context(|| format!("{} is not TOML", p.display()))?,
-            )),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
-        }
+                    .with_context(|| format!("{} is not TOML", p.display()))
+            })
+            .transpose()
     };
     let Some(mut doc) = read(&from.join("resolved.toml"))? else {
         return Ok(());

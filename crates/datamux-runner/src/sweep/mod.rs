@@ -524,15 +524,14 @@ fn matches_run(e: &Expect, id: &Identity) -> bool {
 /// earlier runs that still have rows are kept; those of replaced runs are dropped.
 fn write_resolved(dir: &Path, exp: &Experiment, in_tables: &BTreeSet<String>) -> Result<()> {
     let path = dir.join("resolved.toml");
-    let earlier = match std::fs::read_to_string(&path) {
-        Ok(text) => text
+    let earlier = match datamux_data::atomic::read_optional(&path)? {
+        Some(text) => text
             .parse::<toml::Table>()
             .with_context(|| format!("{} is not TOML", path.display()))?
             .remove("runs")
             .and_then(|r| r.as_table().cloned())
             .unwrap_or_default(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        None => toml::Table::new(),
     };
     let mut runs: BTreeMap<String, toml::Value> = earlier
         .into_iter()
