@@ -9,7 +9,7 @@ use datamux_data::Catalogue;
 use datamux_pipeline::{Env, SpeedConfig, Tick};
 use datamux_runner::job::Job;
 use datamux_runner::sweep::{self, Message, Outcome, Plan};
-use datamux_runner::{config, registry, report, reproduce};
+use datamux_runner::{config, report, reproduce};
 
 // Allocation dominates small training steps; mimalloc cut one by ~35 % here (house-style §2.14),
 // and keeping freed memory (`main`) saves re-zeroing it (docs/performance.md).
@@ -375,11 +375,8 @@ fn real_main() -> Result<u8> {
                     .runs
                     .iter()
                     .filter_map(|r| {
-                        let shape = registry::modality(&r.modality)
-                            .ok()?
-                            .memory_shape(r, &env)
-                            .ok()??;
-                        Some((datamux_pipeline::memory::bytes(&shape, false), r.run_id()))
+                        let (need, _) = sweep::memory_need(&Job::Train(r.clone()), &env)?;
+                        Some((need, r.run_id()))
                     })
                     .max();
                 println!(

@@ -520,9 +520,7 @@ fn every_committed_run_fits_the_memory_estimate_of_this_machine() {
                     "{profile}: {}",
                     r.run_id()
                 );
-                let m = datamux_runner::registry::modality(&r.modality).unwrap();
-                let shape = m.memory_shape(r, &env).unwrap().unwrap();
-                let b = datamux_pipeline::memory::bytes(&shape, false);
+                let (b, _) = datamux_runner::sweep::memory_need(&job, &env).unwrap();
                 if b > largest.0 {
                     largest = (b, format!("{profile} {}", r.run_id()));
                 }

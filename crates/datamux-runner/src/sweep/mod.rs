@@ -169,18 +169,13 @@ pub(super) fn finished_in(dir: &Path, job: &Job) -> Result<bool> {
     })
 }
 
-/// Why `job` cannot run here: its memory estimate (`datamux_pipeline::memory`) above what
-/// the machine has available for each of the `side_by_side` jobs; `None` when it fits or has no
-/// estimate.
-pub fn too_big(
+/// The memory estimate of `job` (bytes) and the shape it is taken from: a training step, or
+/// for a speed point one timed call of its rows; `None` where the modality gives no shape.
+pub fn memory_need(
     job: &Job,
     env: &datamux_pipeline::Env,
-    available: Option<u64>,
-    side_by_side: usize,
-) -> Option<String> {
-    use datamux_pipeline::memory;
+) -> Option<(u64, datamux_pipeline::memory::Shape)> {
     let run = job.run();
-    let available = available?;
     let mut shape = registry::modality(&run.modality)
         .ok()?
         .memory_shape(run, env)
@@ -194,7 +189,21 @@ pub fn too_big(
             .unwrap_or(run.speed.batch_instances.div_ceil(n));
         shape.rows = rows as u64;
     }
-    let need = memory::bytes(&shape, speed);
+    Some((datamux_pipeline::memory::bytes(&shape, speed), shape))
+}
+
+/// Why `job` cannot run here: its memory estimate (`datamux_pipeline::memory`) above what
+/// the machine has available for each of the `side_by_side` jobs; `None` when it fits or has no
+/// estimate.
+pub fn too_big(
+    job: &Job,
+    env: &datamux_pipeline::Env,
+    available: Option<u64>,
+    side_by_side: usize,
+) -> Option<String> {
+    use datamux_pipeline::memory;
+    let available = available?;
+    let (need, shape) = memory_need(job, env)?;
     let share = available / side_by_side.max(1) as u64;
     (need > share).then(|| {
         format!(
