@@ -397,11 +397,8 @@ fn the_published_tables_are_what_the_experiments_plan() {
                 continue;
             }
             let rows: Vec<AccuracyRow> = results::read_table(&table).unwrap();
-            let finished: BTreeSet<&str> = rows
-                .iter()
-                .filter(|r| r.id.status == Status::Ok)
-                .map(|r| r.id.run_id.as_str())
-                .collect();
+            // Runs whose rows are all ok (the runner's own test of a finished run).
+            let finished = results::finished(&rows);
             let datasets: BTreeSet<&str> = rows
                 .iter()
                 .filter(|r| r.id.status == Status::Ok)
@@ -428,11 +425,7 @@ fn the_published_tables_are_what_the_experiments_plan() {
             // Every speed point of those datasets is timed, the N = 1 bases included.
             let speed: Vec<results::SpeedRow> =
                 results::read_table(&table.with_file_name("speed.parquet")).unwrap();
-            let timed: BTreeSet<&str> = speed
-                .iter()
-                .filter(|r| r.id.status == Status::Ok)
-                .map(|r| r.id.run_id.as_str())
-                .collect();
+            let timed = results::finished(&speed);
             let untimed: Vec<String> = e
                 .speed
                 .iter()
