@@ -196,7 +196,6 @@ pub fn run_jobs(
     drop(tx);
     drop(done_tx);
     let mut names: Vec<String> = vec![String::new(); jobs];
-    let mut failures = Vec::new();
     // Without a terminal the bars are hidden; validation lines keep a log readable instead.
     let log_lines = !std::io::IsTerminal::is_terminal(&std::io::stderr());
     loop {
@@ -226,10 +225,8 @@ pub fn run_jobs(
                 if let Ok(mut q) = queue.lock() {
                     q.warmed_up(slot, &job.run().run_id());
                 }
-                let r = r.unwrap_or_else(|e| {
-                    failures.push(format!("{}: {e:#}", job.run().run_id()));
-                    crate::job::failed_result(&job, &plan.env, &e)
-                });
+                // The error becomes the job's row (and is printed below with the others).
+                let r = r.unwrap_or_else(|e| crate::job::failed_result(&job, &plan.env, &e));
                 // Hidden bars (no terminal) print nothing: a log gets the line directly.
                 let say = |line: String| {
                     if log_lines {
