@@ -166,7 +166,7 @@ impl Modality for Audio {
             valid: &valid,
             test: (s.test.split.as_str(), &test),
         };
-        stages::train_task(&task, &map, &task.net.buffers(), run, data, ctx)
+        stages::train_task(&task, &map, &task.net.buffers(), run, data, &[], ctx)
     }
 
     fn speed(&self, run: &RunConfig, s: &Splits, ctx: &mut Context<'_>) -> Result<SpeedPoint> {

@@ -160,6 +160,7 @@ fn a_tiny_model_learns_to_take_two_clips_apart() -> anyhow::Result<()> {
         metric: "accuracy",
         seed: 0,
         stage: "train",
+        serve_n: Vec::new(),
     };
     train(&t, &map, &data, &data, None, &sched, |_| {})?;
     let after = t.loss(&b, false)?.total.to_scalar::<f32>()?;

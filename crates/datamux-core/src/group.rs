@@ -22,6 +22,20 @@ impl Groups {
         Self { n, slots }
     }
 
+    /// Rows of `n` slots of which the first `active` hold consecutive entries of `order` and
+    /// the others are dummies (a model of several widths at width `active`; `mux.serve_n`).
+    /// With `active = n`, [`Self::consecutive`].
+    pub fn partial(order: &[Option<usize>], n: usize, active: usize) -> Self {
+        let n = n.max(1);
+        let active = active.clamp(1, n);
+        let mut slots = Vec::with_capacity(order.len().div_ceil(active) * n);
+        for row in order.chunks(active) {
+            slots.extend_from_slice(row);
+            slots.resize(slots.len() + n - row.len(), None);
+        }
+        Self { n, slots }
+    }
+
     pub fn rows(&self) -> usize {
         self.slots.len() / self.n
     }
@@ -122,6 +136,32 @@ mod tests {
         assert_eq!(batches.len(), 2);
         assert_eq!(batches[1], [Some(6), None, None]);
         assert_eq!(real_mask(batches[1]), [true, false, false]);
+    }
+
+    #[test]
+    fn a_partial_row_fills_its_first_slots_and_leaves_the_rest_empty() {
+        let order: Vec<Option<usize>> = (0..5).map(Some).collect();
+        let g = Groups::partial(&order, 4, 2);
+        assert_eq!(g.rows(), 3);
+        assert_eq!(
+            g.slots,
+            [
+                Some(0),
+                Some(1),
+                None,
+                None,
+                Some(2),
+                Some(3),
+                None,
+                None,
+                Some(4),
+                None,
+                None,
+                None
+            ]
+        );
+        let full = Groups::partial(&order, 3, 3);
+        assert_eq!(full, Groups::consecutive(&[0, 1, 2, 3, 4], 3));
     }
 
     #[test]

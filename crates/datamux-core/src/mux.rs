@@ -75,6 +75,13 @@ pub struct Config {
     pub epsilon: f64,
     /// Train the keys (as `key + delta`); fixed keys are never optimizer variables.
     pub learn: bool,
+    /// One set of weights for several widths (issue 20): each training step draws its N from
+    /// this set and fills the first N slots of every row, the others staying empty (all
+    /// padding, so they add nothing to the mix), so a row of any N of the set is valid at
+    /// inference. Its largest member is `n_instances`, the slots the model has. Empty, a model
+    /// of one N, is left out of the serialised settings, so older runs keep their hashes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub serve_n: Vec<usize>,
 }
 
 impl Default for Config {
@@ -85,6 +92,7 @@ impl Default for Config {
             offset: 0.0,                     // the paper's zero-mean keys
             epsilon: 0.0,                    // the reference's default: disjoint chunks
             learn: false,                    // the reference's default: fixed keys
+            serve_n: Vec::new(),             // one N per model
         }
     }
 }
@@ -97,11 +105,33 @@ impl Config {
         }
     }
 
+    /// The widths a model of `n` slots serves: `serve_n`, or `[n]` for a model of one N.
+    pub fn served(&self, n: usize) -> Vec<usize> {
+        if self.serve_n.is_empty() {
+            vec![n]
+        } else {
+            self.serve_n.clone()
+        }
+    }
+
+    /// `serve_n` against the model's `n` slots: empty, or rising strictly from at least 1 to `n`.
+    pub fn check_serve_n(&self, n: usize) -> std::result::Result<(), ConfigError> {
+        let s = &self.serve_n;
+        let rising = s.windows(2).all(|w| w[0] < w[1]);
+        if s.is_empty() || (rising && s[0] >= 1 && s.last() == Some(&n)) {
+            return Ok(());
+        }
+        Err(ConfigError::Other(format!(
+            "mux.serve_n must rise strictly from at least 1 to n_instances {n}, got {s:?}"
+        )))
+    }
+
     /// Cross-field checks for `n` instances of width `d`.
     pub fn validate(&self, n: usize, d: usize) -> std::result::Result<(), ConfigError> {
         if n == 0 {
             return Err(ConfigError::NoInstances { n_instances: n });
         }
+        self.check_serve_n(n)?;
         match self.kind {
             MuxKind::GaussianHadamard | MuxKind::Contextual
                 if !(self.norm.is_finite() && self.norm > 0.0) =>

@@ -13,6 +13,20 @@ pub fn evaluate<T: Task>(
     order: Option<&[usize]>,
     rows: usize,
     seed: u64,
+    progress: impl FnMut(usize, usize),
+) -> Result<Score> {
+    evaluate_at(task, data, order, rows, seed, task.n_instances(), progress)
+}
+
+/// [`evaluate`] with `n` real instances in each row (the first `n` slots; the others are
+/// empty), as a model of several widths serves `n` (`mux.serve_n`).
+pub fn evaluate_at<T: Task>(
+    task: &T,
+    data: &T::Data,
+    order: Option<&[usize]>,
+    rows: usize,
+    seed: u64,
+    n: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Score> {
     let all: Vec<usize>;
@@ -23,7 +37,8 @@ pub fn evaluate<T: Task>(
             &all
         }
     };
-    let groups = Groups::consecutive(order, task.n_instances());
+    let order: Vec<Option<usize>> = order.iter().copied().map(Some).collect();
+    let groups = Groups::partial(&order, task.n_instances(), n);
     let mut rng = rng_for(seed, "eval.retrieval");
     let mut score = Score::with_slots(task.n_instances());
     let total = groups.rows().div_ceil(rows.max(1));

@@ -10,7 +10,8 @@
 //! - [`eval`]: scoring every example of a split;
 //! - [`speed`]: the inference timing harness;
 //! - [`stages`]: schedules, a stage with progress, records of the selected checkpoint;
-//! - [`checkpoint`]: saving, loading, locking and growing checkpoints.
+//! - [`checkpoint`]: saving, loading, locking and growing checkpoints;
+//! - [`serve`]: the card of a servable checkpoint and the one inference pass a server runs.
 //!
 //! The runner (`datamux-runner`) expands experiment files into runs, loads their data, schedules
 //! jobs and writes the tables; a modality never sees polars or the tables.
@@ -19,6 +20,7 @@ pub mod checkpoint;
 pub mod eval;
 pub mod memory;
 pub mod modality;
+pub mod serve;
 pub mod settings;
 pub mod speed;
 pub mod stages;

@@ -115,6 +115,9 @@ pub struct Record {
     pub steps: usize,
     pub best_step: usize,
     pub train_seconds: f64,
+    /// The width the record was scored at, for a model of several (`mux.serve_n`); `None`:
+    /// the run's `n_instances`.
+    pub n_instances: Option<usize>,
 }
 
 /// One timed model: positions per instance and the latencies.
@@ -190,6 +193,16 @@ pub trait Modality: Sync {
     /// Time inference of the run's model (fresh weights: speed does not depend on them) on the
     /// test split.
     fn speed(&self, run: &RunConfig, splits: &Splits, ctx: &mut Context<'_>) -> Result<SpeedPoint>;
+
+    /// The model of the checkpoint folder `dir`, whose card is `card`, loaded for serving
+    /// from that folder alone. A modality whose checkpoints carry no card cannot be served.
+    fn load_served(
+        &self,
+        _dir: &std::path::Path,
+        _card: &crate::serve::Card,
+    ) -> Result<Box<dyn crate::serve::Served>> {
+        anyhow::bail!("the {} modality has no served models", self.name())
+    }
 }
 
 /// The backbone name of a run as a modality's own type: one of `names`, whose index picks from

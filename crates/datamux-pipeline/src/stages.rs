@@ -10,7 +10,7 @@ use datamux_core::task::Score;
 use datamux_core::{SeededVarMap, Task};
 
 use crate::checkpoint;
-use crate::eval::evaluate;
+use crate::eval::evaluate_at;
 use crate::modality::{Context, Record, SpeedPoint, Stage};
 use crate::settings::RunConfig;
 use crate::speed;
@@ -31,6 +31,7 @@ pub fn schedule(run: &RunConfig, metric: &'static str) -> Schedule {
         metric,
         seed: run.seed,
         stage: "train",
+        serve_n: run.model.mux.serve_n.clone(),
     }
 }
 
@@ -84,11 +85,13 @@ pub fn records(split: &str, score: &Score, out: &Outcome, prefix: &str) -> Vec<R
             steps: out.steps,
             best_step: out.best_step,
             train_seconds: out.seconds,
+            n_instances: None,
         })
         .collect()
 }
 
-/// Score the selected checkpoint on every example of each split.
+/// Score the selected checkpoint on every example of each split; a model of several widths
+/// (`mux.serve_n`) at each of them, its records marked with the width.
 pub fn final_records<T: Task>(
     task: &T,
     run: &RunConfig,
@@ -96,18 +99,29 @@ pub fn final_records<T: Task>(
     out: &Outcome,
     ctx: &mut Context<'_>,
 ) -> Result<Vec<Record>> {
+    let several = !run.model.mux.serve_n.is_empty();
     let mut rows = Vec::new();
-    for (name, data) in splits {
-        let stage = Stage::Eval(name.to_string());
-        let score = evaluate(
-            task,
-            data,
-            None,
-            run.train.eval_rows,
-            run.seed,
-            |pos, len| ctx.tick(stage.clone(), pos, len, ""),
-        )?;
-        rows.extend(records(name, &score, out, ""));
+    for n in run.model.mux.served(run.model.n_instances) {
+        for (name, data) in splits {
+            let stage = Stage::Eval(if several {
+                format!("{name} n{n}")
+            } else {
+                name.to_string()
+            });
+            let score = evaluate_at(
+                task,
+                data,
+                None,
+                run.train.eval_rows,
+                run.seed,
+                n,
+                |pos, len| ctx.tick(stage.clone(), pos, len, ""),
+            )?;
+            rows.extend(records(name, &score, out, "").into_iter().map(|r| Record {
+                n_instances: several.then_some(n),
+                ..r
+            }));
+        }
     }
     Ok(rows)
 }
@@ -123,13 +137,16 @@ pub struct Data<'a, D> {
 /// The task stage of a run: train on `[train]`, selecting on the task's own metric, save the
 /// selected checkpoint (with `buffers`, the model's fixed tensors) under `runs/`, and score it on
 /// every example of validation and the reported split. A modality without a warm-up trains
-/// with this alone; one with a warm-up calls it after starting the task from it.
+/// with this alone; one with a warm-up calls it after starting the task from it. `extra`
+/// files (name, text) are saved in the checkpoint folder: a servable model's card and
+/// tokenizer (`serve`).
 pub fn train_task<T: Task>(
     task: &T,
     map: &SeededVarMap,
     buffers: &HashMap<String, Tensor>,
     run: &RunConfig,
     data: Data<'_, T::Data>,
+    extra: &[(&str, String)],
     ctx: &mut Context<'_>,
 ) -> Result<Vec<Record>> {
     let order = eval_order(run, task.len(data.valid));
@@ -144,7 +161,7 @@ pub fn train_task<T: Task>(
         Stage::Train,
         ctx,
     )?;
-    checkpoint::save(&checkpoint::run_dir(ctx.env, run), map, buffers, run, &[])?;
+    checkpoint::save(&checkpoint::run_dir(ctx.env, run), map, buffers, run, extra)?;
     final_records(
         task,
         run,

@@ -12,8 +12,9 @@ use datamux_core::group::{BucketedStream, TrainStream};
 use datamux_core::init::rng_for;
 use datamux_core::optim::AdamW;
 use datamux_core::{SeededVarMap, Task};
+use rand::Rng;
 
-use crate::eval::evaluate;
+use crate::eval::evaluate_at;
 
 /// Settings of one training stage.
 #[derive(Debug, Clone)]
@@ -32,6 +33,10 @@ pub struct Schedule {
     pub seed: u64,
     /// A name for the random streams of this stage (`train`, `warmup`).
     pub stage: &'static str,
+    /// The widths one model serves (`mux.serve_n`): each step draws its N from them and fills
+    /// that many slots of every row, and the checkpoint is selected on the mean of the
+    /// validation metric over them. Empty: every slot of every row, every step.
+    pub serve_n: Vec<usize>,
 }
 
 impl Schedule {
@@ -132,6 +137,8 @@ pub fn train<T: Task>(
         rng_for(s.seed, &format!("{}.buckets", s.stage)),
     );
     let mut rng = rng_for(s.seed, &format!("{}.batch", s.stage));
+    let mut widths = rng_for(s.seed, &format!("{}.serve_n", s.stage));
+    let slots_per_row = task.n_instances();
     datamux_core::layers::seed_dropout(s.seed, &format!("{}.dropout", s.stage));
     let start = Instant::now();
     let mut best: Option<(f64, usize, HashMap<String, Tensor>)> = None;
@@ -139,7 +146,15 @@ pub fn train<T: Task>(
     let mut smooth = None::<f64>;
     for step in 0..s.steps {
         opt.set_learning_rate(s.lr_at(step));
-        let slots = stream.next_batch(s.batch_size, |i| task.example_len(train, i));
+        let slots = if s.serve_n.is_empty() {
+            stream.next_batch(s.batch_size, |i| task.example_len(train, i))
+        } else {
+            // The same rows per step at every width, `n` of each row's slots real.
+            let n = s.serve_n[widths.random_range(0..s.serve_n.len())];
+            let rows = s.batch_size / slots_per_row;
+            let real = stream.next_batch(rows * n, |i| task.example_len(train, i));
+            datamux_core::group::Groups::partial(&real, slots_per_row, n).slots
+        };
         let batch = task.batch(train, &slots, &mut rng)?;
         let losses = task.loss(&batch, true)?;
         let loss = f64::from(losses.total.to_scalar::<f32>()?);
@@ -163,10 +178,7 @@ pub fn train<T: Task>(
             });
         }
         if done % s.eval_every == 0 || done == s.steps {
-            let score = evaluate(task, valid, valid_order, s.eval_rows, s.seed, |_, _| {})?;
-            let metric = score
-                .metric(s.metric)
-                .with_context(|| format!("validation gave no `{}`", s.metric))?;
+            let metric = validation_metric(task, valid, valid_order, s)?;
             tracing::info!(
                 step = done,
                 loss = avg,
@@ -196,6 +208,28 @@ pub fn train<T: Task>(
     })
 }
 
+/// The selection metric on `valid`: at every slot, or the mean over the served widths.
+fn validation_metric<T: Task>(
+    task: &T,
+    valid: &T::Data,
+    order: Option<&[usize]>,
+    s: &Schedule,
+) -> Result<f64> {
+    let widths = if s.serve_n.is_empty() {
+        vec![task.n_instances()]
+    } else {
+        s.serve_n.clone()
+    };
+    let mut sum = 0.0;
+    for n in &widths {
+        let score = evaluate_at(task, valid, order, s.eval_rows, s.seed, *n, |_, _| {})?;
+        sum += score
+            .metric(s.metric)
+            .with_context(|| format!("validation gave no `{}`", s.metric))?;
+    }
+    Ok(sum / widths.len() as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +248,7 @@ mod tests {
             metric: "accuracy",
             seed: 0,
             stage: "train",
+            serve_n: Vec::new(),
         };
         assert_eq!(s.lr_at(0), 0.5);
         assert_eq!(s.lr_at(1), 1.0);

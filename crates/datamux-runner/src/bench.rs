@@ -412,7 +412,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SpeedRow>> {
         }
     }
     let matmul = matmul_rate()?;
-    println!("{}", table(&points, cfg, matmul));
+    crate::out::line(table(&points, cfg, matmul));
     let dir = cfg.out.join("bench");
     std::fs::create_dir_all(&dir)?;
     results::write_table(&dir.join("speed.parquet"), &rows)?;

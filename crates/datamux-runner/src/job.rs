@@ -63,6 +63,7 @@ pub fn identity(run: &RunConfig, profile: &str, source: &str) -> Identity {
         backbone: m.backbone.clone(),
         model_size: modality
             .and_then(|md| md.model_size(run).ok())
+            .map(|size| size + &serve_suffix(&m.mux.serve_n))
             .unwrap_or_default(),
         mux: m.mux.kind.name().into(),
         demux: m.demux.kind.name().into(),
@@ -73,6 +74,16 @@ pub fn identity(run: &RunConfig, profile: &str, source: &str) -> Identity {
         ..Identity::default()
     }
     .with_provenance(&Provenance::current())
+}
+
+/// ` serve1-2-5-10` after the size of a model of several widths (`mux.serve_n`): one
+/// checkpoint scored at each of its widths is a model apart from the dedicated one of each N.
+pub fn serve_suffix(serve_n: &[usize]) -> String {
+    if serve_n.is_empty() {
+        return String::new();
+    }
+    let ns: Vec<String> = serve_n.iter().map(usize::to_string).collect();
+    format!(" serve{}", ns.join("-"))
 }
 
 /// `unavailable` when the data (or a pretrained model) cannot be had, `error` for anything else.
@@ -202,7 +213,10 @@ fn train_job(run: &RunConfig, env: &Env, report: &mut dyn FnMut(Tick)) -> Result
     Ok(records
         .into_iter()
         .map(|r| AccuracyRow {
-            id: id.clone().with_status(Status::Ok, ""),
+            id: Identity {
+                n_instances: r.n_instances.map_or(id.n_instances, |n| n as i64),
+                ..id.clone().with_status(Status::Ok, "")
+            },
             split: r.split,
             metric: r.metric,
             value: r.value,

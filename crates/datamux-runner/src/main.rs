@@ -9,7 +9,7 @@ use datamux_data::Catalogue;
 use datamux_pipeline::{Env, SpeedConfig, Tick};
 use datamux_runner::job::Job;
 use datamux_runner::sweep::{self, Message, Outcome, Plan};
-use datamux_runner::{config, report, reproduce};
+use datamux_runner::{config, out, report, reproduce, serve};
 
 // Allocation dominates small training steps; mimalloc cut one by ~35 % here (house-style §2.14),
 // and keeping freed memory (`main`) saves re-zeroing it (docs/performance.md).
@@ -202,6 +202,13 @@ enum Cmd {
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
+    /// Answer inputs with a trained model, one JSON line per input (stdin or --input).
+    Predict(serve::PredictArgs),
+    /// Serve a trained model over HTTP/JSON, multiplexing by a policy (docs/serving.md).
+    Serve(serve::ServeArgs),
+    /// Open-loop Poisson load against a server, every answer checked against its label; rows
+    /// into <out>/serve/serve.parquet.
+    Loadtest(serve::loadtest::LoadtestArgs),
     /// Internal: run one job from a spec file and stream JSON lines (used by `run`).
     #[command(hide = true)]
     Worker { spec: PathBuf },
@@ -379,7 +386,7 @@ fn real_main() -> Result<u8> {
                         Some((need, r.run_id()))
                     })
                     .max();
-                println!(
+                let shown = out::line(format!(
                     "{}: {} run(s) at profile {}{}",
                     e.name,
                     e.runs.len(),
@@ -388,7 +395,10 @@ fn real_main() -> Result<u8> {
                         "; largest memory estimate {} ({id})",
                         datamux_pipeline::memory::gib(b)
                     ))
-                );
+                ));
+                if !shown {
+                    break;
+                }
             }
             Ok(Outcome::SUCCESS)
         }
@@ -455,7 +465,7 @@ fn real_main() -> Result<u8> {
             for dir in reproduce::merge(&shards, &out)? {
                 for p in report::write_reports(&dir, &format!("datamux report {}", dir.display()))?
                 {
-                    println!("wrote {}", p.display());
+                    out::line(format!("wrote {}", p.display()));
                 }
             }
             Ok(Outcome::SUCCESS)
@@ -464,7 +474,7 @@ fn real_main() -> Result<u8> {
             let dirs = reproduce::publish(&from, &to, replace)?;
             for dir in &dirs {
                 for p in report::write_reports(dir, &format!("datamux report {}", dir.display()))? {
-                    println!("wrote {}", p.display());
+                    out::line(format!("wrote {}", p.display()));
                 }
             }
             Ok(Outcome::SUCCESS)
@@ -479,7 +489,7 @@ fn real_main() -> Result<u8> {
                 );
             }
             for p in written {
-                println!("wrote {}", p.display());
+                out::line(format!("wrote {}", p.display()));
             }
             Ok(Outcome::SUCCESS)
         }
@@ -497,7 +507,7 @@ fn real_main() -> Result<u8> {
                     dataset.is_none() && metric.is_none() && split.is_none() && !pivot,
                     "--dataset, --metric, --split and --pivot apply to accuracy tables"
                 );
-                println!("{}", report::show(&path, rows)?);
+                out::line(report::show(&path, rows)?);
             } else {
                 let filter = datamux_runner::show::Filter {
                     dataset,
@@ -505,8 +515,20 @@ fn real_main() -> Result<u8> {
                     split,
                     pivot,
                 };
-                println!("{}", datamux_runner::show::accuracy(&path, rows, &filter)?);
+                out::line(datamux_runner::show::accuracy(&path, rows, &filter)?);
             }
+            Ok(Outcome::SUCCESS)
+        }
+        Cmd::Predict(args) => {
+            serve::predict(&args)?;
+            Ok(Outcome::SUCCESS)
+        }
+        Cmd::Serve(args) => {
+            serve::serve(&args)?;
+            Ok(Outcome::SUCCESS)
+        }
+        Cmd::Loadtest(args) => {
+            serve::loadtest::run(&args)?;
             Ok(Outcome::SUCCESS)
         }
         Cmd::Worker { spec } => {
@@ -515,7 +537,7 @@ fn real_main() -> Result<u8> {
             let (job, env): (Job, Env) = serde_json::from_str(&text)?;
             let emit = |m: &Message| {
                 if let Ok(line) = serde_json::to_string(m) {
-                    println!("{line}");
+                    out::line(&line);
                 }
             };
             let mut report = |t: Tick| emit(&Message::Tick(t));

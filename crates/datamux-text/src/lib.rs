@@ -15,6 +15,7 @@ pub mod frontend;
 pub mod metrics;
 pub mod pipeline;
 pub mod pretrained;
+pub mod serve;
 pub mod task;
 pub mod tokenizer;
 pub mod warmup;

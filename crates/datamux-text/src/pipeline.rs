@@ -8,6 +8,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use candle_core::Device;
 use datamux_core::SeededVarMap;
 use datamux_data::{Catalogue, Examples, Kind, ModelResolver, Split, Splits};
+use datamux_pipeline::serve::{Card, InputKind, Output, Served};
 use datamux_pipeline::{
     Context, Env, Modality, Record, RunConfig, SpeedPoint, Stage, section_json, stages,
 };
@@ -461,12 +462,25 @@ impl Modality for Text {
             valid: &valid,
             test: (s.test.split.as_str(), &test),
         };
+        // Sentence and embedding models are servable: their folder carries a card and the
+        // tokenizer (`datamux serve`); token models are not served.
+        let output = match head {
+            HeadKind::Sentence => Some(Output::Classify),
+            HeadKind::Embedding => Some(Output::Embed),
+            HeadKind::Token => None,
+        };
+        let mut extra = Vec::new();
+        if let Some(output) = output {
+            extra.push(Card::new(run, output, InputKind::Text, labels).file()?);
+            extra.push((crate::serve::TOKENIZER, tk.to_json()?));
+        }
         rows.extend(stages::train_task(
             &task,
             &map,
             &task.net.buffers(),
             run,
             data,
+            &extra,
             ctx,
         )?);
         Ok(rows)
@@ -484,6 +498,10 @@ impl Modality for Text {
         let len = settings(run)?.max_length;
         task.fixed_len = Some(len);
         stages::time(&task, &data, run, len, ctx)
+    }
+
+    fn load_served(&self, dir: &Path, card: &Card) -> Result<Box<dyn Served>> {
+        Ok(Box::new(crate::serve::ServedText::load(dir, card)?))
     }
 }
 

@@ -166,6 +166,13 @@ impl TextTokenizer {
         })
     }
 
+    /// The tokenizer as `tokenizer.json` text (a served model's folder carries it).
+    pub fn to_json(&self) -> Result<String, TextError> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| TextError::Train(e.to_string()))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -17,6 +17,7 @@ pub mod image;
 pub mod mlp;
 pub mod model;
 pub mod pipeline;
+pub mod serve;
 pub mod task;
 pub mod vit;
 

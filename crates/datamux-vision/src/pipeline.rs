@@ -5,6 +5,7 @@ use anyhow::{Result, bail};
 use candle_core::Device;
 use datamux_core::SeededVarMap;
 use datamux_data::{Catalogue, Examples, Kind, Split, Splits};
+use datamux_pipeline::serve::{Card, InputKind, Output, Served};
 use datamux_pipeline::{
     Context, Modality, Record, RunConfig, SpeedPoint, Stage, section_json, stages,
 };
@@ -54,7 +55,8 @@ fn image_data(split: &Split, spec: &ImageSpec) -> Result<ImageData> {
     })
 }
 
-fn task(run: &RunConfig, classes: usize, map: &SeededVarMap) -> Result<ImageTask> {
+/// The task model of a run with `classes` labels.
+pub fn task(run: &RunConfig, classes: usize, map: &SeededVarMap) -> Result<ImageTask> {
     let (spec, cfg) = settings(run)?;
     Ok(ImageTask::new(
         arch(run)?,
@@ -204,7 +206,14 @@ impl Modality for Vision {
             valid: &valid,
             test: (s.test.split.as_str(), &test),
         };
-        stages::train_task(&task, &map, &task.net.buffers(), run, data, ctx)
+        let card = Card::new(
+            run,
+            Output::Classify,
+            InputKind::Image,
+            &s.train.label_names,
+        );
+        let extra = [card.file()?];
+        stages::train_task(&task, &map, &task.net.buffers(), run, data, &extra, ctx)
     }
 
     fn speed(&self, run: &RunConfig, s: &Splits, ctx: &mut Context<'_>) -> Result<SpeedPoint> {
@@ -218,6 +227,10 @@ impl Modality for Vision {
             Arch::Lenet | Arch::Resnet => spec.size.pow(2),
         };
         stages::time(&task, &data, run, seq_len, ctx)
+    }
+
+    fn load_served(&self, dir: &std::path::Path, card: &Card) -> Result<Box<dyn Served>> {
+        Ok(Box::new(crate::serve::ServedVision::load(dir, card)?))
     }
 }
 

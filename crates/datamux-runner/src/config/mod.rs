@@ -58,13 +58,14 @@ pub struct Experiment {
 /// demux, N and warm-up: the other datasets of one model differ in the head alone), and where a (dataset, backbone, size) has no N = 1 point (the standard
 /// text grid's width 256 starts at N = 5) an N = 1 copy of its first point, so that every
 /// speedup is taken against the same width. Speed runs use fresh weights: the copy trains
-/// nothing.
+/// nothing. A model of several widths (`mux.serve_n`) has none: at each width it costs what the
+/// dedicated model of its N_max costs, and `datamux loadtest` measures it served.
 fn speed_points(modality: &dyn datamux_pipeline::Modality, runs: &[RunConfig]) -> Vec<RunConfig> {
     let size = |r: &RunConfig| modality.model_size(r).unwrap_or_default();
     let mut seen = std::collections::BTreeSet::new();
     let mut points: Vec<RunConfig> = runs
         .iter()
-        .filter(|r| r.speed.enabled)
+        .filter(|r| r.speed.enabled && r.model.mux.serve_n.is_empty())
         .filter(|r| {
             let m = &r.model;
             seen.insert((

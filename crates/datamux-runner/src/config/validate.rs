@@ -137,6 +137,7 @@ pub fn validate(run: &RunConfig, modality: &dyn Modality, catalogue: &Catalogue)
         t.max_grad_norm > 0.0,
         "train.max_grad_norm must be positive"
     );
+    m.mux.check_serve_n(n).map_err(anyhow::Error::msg)?;
     ensure!(
         run.speed.rows_per_call != Some(0),
         "speed.rows_per_call must be at least 1"

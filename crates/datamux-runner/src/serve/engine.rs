@@ -1,0 +1,310 @@
+//! The inference loop of `datamux serve`: one bounded queue of requests from every client, one
+//! thread that owns the model, takes what is queued, picks N by the policy, runs one forward of
+//! muxed rows and answers each request. docs/serving.md says why the rule is what it is.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use datamux_pipeline::serve::{Answer, Card, Prepare, Prepared};
+use tokio::sync::oneshot;
+
+use super::metrics::Metrics;
+
+/// How many instances each muxed row carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Always N (`fixed:1` is a plain dynamic batcher, the Triton-style baseline).
+    Fixed(usize),
+    /// The smallest served N whose `--max-rows` rows hold everything queued: N = 1 while the
+    /// queue is short, wider as it grows.
+    Adaptive,
+}
+
+impl FromStr for Policy {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "adaptive" {
+            return Ok(Self::Adaptive);
+        }
+        match s.strip_prefix("fixed:").map(str::parse::<usize>) {
+            Some(Ok(n)) if n >= 1 => Ok(Self::Fixed(n)),
+            _ => Err(format!(
+                "`{s}` is not a policy: fixed:N (N >= 1) or adaptive"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fixed(n) => write!(f, "fixed:{n}"),
+            Self::Adaptive => f.write_str("adaptive"),
+        }
+    }
+}
+
+impl Policy {
+    /// N for a forward when `queued` instances wait and a forward takes at most `rows` rows;
+    /// `served` rises (the model's `serve_n`).
+    pub fn width(self, queued: usize, rows: usize, served: &[usize]) -> usize {
+        match self {
+            Self::Fixed(n) => n,
+            Self::Adaptive => served
+                .iter()
+                .copied()
+                .find(|n| n * rows >= queued)
+                .or_else(|| served.last().copied())
+                .unwrap_or(1),
+        }
+    }
+
+    /// A fixed N the model was not trained to serve is refused.
+    pub fn check(self, served: &[usize]) -> Result<()> {
+        if let Self::Fixed(n) = self {
+            if !served.contains(&n) {
+                bail!("the model serves N in {served:?}, not fixed:{n}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The settings of the loop.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub policy: Policy,
+    /// Muxed rows per forward at most.
+    pub max_rows: usize,
+    /// The longest the oldest request waits for its row to fill before a forward runs anyway.
+    pub max_delay: Duration,
+    /// Queued instances at most; a request that does not fit is refused (503).
+    pub queue_limit: usize,
+}
+
+/// What a request gets back: its answers and the N its row was run at.
+pub type Reply = std::result::Result<(Vec<Answer>, usize), String>;
+
+struct Job {
+    inputs: Vec<Prepared>,
+    arrived: Instant,
+    reply: oneshot::Sender<Reply>,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: VecDeque<Job>,
+    queued: usize,
+    closed: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data; the queue stays usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The queue's refusal: full, or closing for shutdown.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    Full,
+    Closed,
+}
+
+/// A running inference loop; [`Engine::close`] drains it and joins the thread.
+pub struct Engine {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    pub card: Card,
+    pub prepare: Arc<dyn Prepare>,
+    pub settings: Settings,
+}
+
+impl Engine {
+    /// Load the model of `dir` on a thread of its own (the model never leaves it) and start
+    /// the loop there.
+    pub fn start(dir: &Path, settings: Settings, metrics: Arc<Metrics>) -> Result<Self> {
+        let card = Card::read(dir)?;
+        let modality = crate::registry::modality(&card.modality)?;
+        settings.policy.check(&card.serve_n)?;
+        if settings.max_rows == 0 || settings.queue_limit == 0 {
+            bail!("--max-rows and --queue must be at least 1");
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (dir, loop_card, loop_settings, loop_shared) = (
+            dir.to_path_buf(),
+            card.clone(),
+            settings.clone(),
+            shared.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name("datamux-infer".into())
+            .spawn(move || match modality.load_served(&dir, &loop_card) {
+                Ok(model) => {
+                    let _ = tx.send(Ok(model.preparer()));
+                    run(&*model, &loop_card, &loop_settings, &loop_shared, &metrics);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(format!("{e:#}")));
+                }
+            })?;
+        let prepare = rx
+            .recv()
+            .context("the inference thread ended before the model loaded")?
+            .map_err(|e| anyhow::anyhow!("{}: {e}", card.run_id))?;
+        Ok(Self {
+            shared,
+            thread: Mutex::new(Some(thread)),
+            card,
+            prepare,
+            settings,
+        })
+    }
+
+    /// Queue a request's prepared inputs; the answer comes through `reply`.
+    pub fn submit(
+        &self,
+        inputs: Vec<Prepared>,
+        reply: oneshot::Sender<Reply>,
+    ) -> std::result::Result<(), Refused> {
+        let mut st = self.shared.lock();
+        if st.closed {
+            return Err(Refused::Closed);
+        }
+        if st.queued + inputs.len() > self.settings.queue_limit {
+            return Err(Refused::Full);
+        }
+        st.queued += inputs.len();
+        st.jobs.push_back(Job {
+            inputs,
+            arrived: Instant::now(),
+            reply,
+        });
+        drop(st);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Instances waiting.
+    pub fn queued(&self) -> usize {
+        self.shared.lock().queued
+    }
+
+    /// Refuse new requests, answer the queued ones, and stop the loop.
+    pub fn close(&self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_all();
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The loop: wait for work, let the oldest request's row fill for at most `max_delay`, take
+/// whole requests up to N x `max_rows` instances, run them, answer.
+fn run(
+    model: &dyn datamux_pipeline::serve::Served,
+    card: &Card,
+    s: &Settings,
+    shared: &Shared,
+    metrics: &Metrics,
+) {
+    loop {
+        let mut st = shared.lock();
+        while st.jobs.is_empty() && !st.closed {
+            st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        let Some(oldest) = st.jobs.front().map(|j| j.arrived) else {
+            return; // closed and drained
+        };
+        let deadline = oldest + s.max_delay;
+        loop {
+            let n = s.policy.width(st.queued, s.max_rows, &card.serve_n);
+            let now = Instant::now();
+            if st.queued >= n || st.closed || now >= deadline {
+                break;
+            }
+            st = shared
+                .wake
+                .wait_timeout(st, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        let n = s.policy.width(st.queued, s.max_rows, &card.serve_n);
+        let room = n * s.max_rows;
+        let mut jobs = Vec::new();
+        let mut taken = 0;
+        while let Some(job) = st.jobs.front() {
+            if !jobs.is_empty() && taken + job.inputs.len() > room {
+                break;
+            }
+            taken += job.inputs.len();
+            jobs.extend(st.jobs.pop_front());
+        }
+        st.queued -= taken;
+        metrics.queue_depth.set(st.queued as i64);
+        drop(st);
+        let inputs: Vec<Prepared> = jobs.iter().flat_map(|j| j.inputs.clone()).collect();
+        let result = model.answer(&inputs, n);
+        metrics.batch(n, inputs.len());
+        match result {
+            Ok(answers) => {
+                let mut rest = answers.into_iter();
+                for job in jobs {
+                    let mine: Vec<Answer> = rest.by_ref().take(job.inputs.len()).collect();
+                    let _ = job.reply.send(Ok((mine, n)));
+                }
+            }
+            Err(e) => {
+                let msg = format!("{e:#}").replace('\n', " | ");
+                tracing::error!(error = %msg, "inference failed");
+                for job in jobs {
+                    let _ = job.reply.send(Err(msg.clone()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adaptive_widens_with_the_queue_and_fixed_does_not() {
+        let served = [1, 2, 5, 10];
+        let a = Policy::Adaptive;
+        assert_eq!(a.width(1, 8, &served), 1);
+        assert_eq!(a.width(8, 8, &served), 1);
+        assert_eq!(a.width(9, 8, &served), 2);
+        assert_eq!(a.width(17, 8, &served), 5);
+        assert_eq!(a.width(1000, 8, &served), 10);
+        assert_eq!(Policy::Fixed(5).width(1, 8, &served), 5);
+        assert!(Policy::Fixed(3).check(&served).is_err());
+        assert_eq!("fixed:2".parse::<Policy>(), Ok(Policy::Fixed(2)));
+        assert!("fixed:0".parse::<Policy>().is_err());
+        assert!("wide".parse::<Policy>().is_err());
+    }
+}
