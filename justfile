@@ -37,6 +37,12 @@ report:
 bench *args:
     cargo run --release -p datamux-runner -- bench --out results/ "$@"
 
+# Train (or reuse) the serve experiments' models of several N, then serve each under fixed:1,
+# fixed:N_max and adaptive and load-test all three at one ladder of rates (loopback only; about
+# 20 minutes on 2 cores): rows into reproduced/quick/serve/serve.parquet (docs/serving.md).
+serve-bench *args:
+    cargo run --release -p datamux-runner -- serve-bench --out reproduced/quick "$@"
+
 # API docs of the core crate (warnings are errors).
 doc:
     RUSTDOCFLAGS="-D warnings" cargo doc -p datamux-core --no-deps --release

@@ -209,6 +209,9 @@ enum Cmd {
     /// Open-loop Poisson load against a server, every answer checked against its label; rows
     /// into <out>/serve/serve.parquet.
     Loadtest(serve::loadtest::LoadtestArgs),
+    /// Train (or reuse) the serve experiments' models, then load-test each under fixed:1,
+    /// fixed:N_max and adaptive over one ladder of rates (`just serve-bench`).
+    ServeBench(serve::bench::ServeBenchArgs),
     /// Internal: run one job from a spec file and stream JSON lines (used by `run`).
     #[command(hide = true)]
     Worker { spec: PathBuf },
@@ -529,6 +532,26 @@ fn real_main() -> Result<u8> {
         }
         Cmd::Loadtest(args) => {
             serve::loadtest::run(&args)?;
+            Ok(Outcome::SUCCESS)
+        }
+        Cmd::ServeBench(args) => {
+            let data = DataArgs {
+                data_dir: args.data_dir.clone(),
+                models_dir: None,
+                offline: args.offline,
+            };
+            let cat = catalogue(&data)?;
+            let plan = Plan {
+                experiments: sweep::load_experiments(&args.experiments, &args.profile, &[], &cat)?,
+                out_dir: args.out.clone(),
+                env: env_for(&data, &args.profile)?,
+                jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                threads: 1,
+                speed: false,
+                command: command_line(),
+                worker_exe: std::env::current_exe().context("cannot find the datamux binary")?,
+            };
+            serve::bench::run(&args, || serve::bench::train(&plan))?;
             Ok(Outcome::SUCCESS)
         }
         Cmd::Worker { spec } => {

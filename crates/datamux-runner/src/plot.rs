@@ -22,7 +22,7 @@ pub struct Curve {
     pub reference: bool,
 }
 
-fn register_font() {
+pub(crate) fn register_font() {
     // Registering twice is harmless; the font is compiled in, so plots never depend on the
     // host's fonts.
     let _ =

@@ -486,6 +486,7 @@ pub fn write_reports(root: &Path, command: &str) -> Result<Vec<PathBuf>> {
         datamux_data::atomic::write_bytes(&path, md.as_bytes())?;
         out.push(path);
     }
+    out.extend(crate::serve::report::write(root)?);
     Ok(out)
 }
 

@@ -300,9 +300,18 @@ pub fn section(dir: &Path, split: &str) -> Result<String> {
 /// With `replace`, each experiment's published tables become the working folder's whole: the
 /// points it no longer plans (a cut variant) go too.
 pub fn publish(from: &Path, to: &Path, replace: bool) -> Result<Vec<PathBuf>> {
-    let written = copy_finished(from, replace, |profile, name| {
+    let mut written = copy_finished(from, replace, |profile, name| {
         profile_dir(to, profile, name)
     })?;
+    // The serving table (`datamux loadtest`), whatever the profile: its rows replace the
+    // published ones of the same model, policy and rate.
+    let serve = crate::serve::loadtest::table_path(from);
+    if serve.is_file() {
+        let rows = results::read_table(&serve)?;
+        let dest = crate::serve::loadtest::table_path(to);
+        crate::serve::loadtest::write_rows(&dest, rows, true)?;
+        written.push(dest);
+    }
     if written.is_empty() {
         bail!("{} holds no experiment tables to publish", from.display());
     }

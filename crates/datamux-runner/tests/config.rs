@@ -387,7 +387,12 @@ fn the_published_tables_are_what_the_experiments_plan() {
 
     use datamux_runner::results::{self, AccuracyRow, Status};
     let root = experiments_dir().join("..");
-    let files = datamux_runner::sweep::experiment_files(&[experiments_dir()]).unwrap();
+    // The grid of `just reproduce`, and the serve models of `just serve-bench`.
+    let files = datamux_runner::sweep::experiment_files(&[
+        experiments_dir(),
+        experiments_dir().join("serve"),
+    ])
+    .unwrap();
     let mut checked = 0;
     for (profile, dir) in [("quick", "results"), ("standard", "results/standard")] {
         for f in &files {

@@ -11,7 +11,31 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{command, datamux, mirror, stderr, workspace};
+use common::{command, datamux, mirror, root, stderr, workspace};
+
+/// Train the smoke profile of `experiments/serve/<name>.toml` in `dir` and return its model.
+fn train(dir: &Path, name: &str) -> PathBuf {
+    std::fs::create_dir_all(dir.join("experiments/serve")).unwrap();
+    let file = format!("experiments/serve/{name}.toml");
+    std::fs::copy(root().join(&file), dir.join(&file)).unwrap();
+    let out = datamux(
+        dir,
+        &[
+            "run",
+            &file,
+            "--profile",
+            "smoke",
+            "--data-dir",
+            &mirror(),
+            "--out",
+            "out",
+            "--no-speed",
+            "--no-report",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    model_dir(dir, name)
+}
 
 /// The one finished run folder of `experiment` under `dir/runs/`.
 fn model_dir(dir: &Path, experiment: &str) -> PathBuf {
@@ -104,22 +128,7 @@ fn stop(mut child: Child) -> std::process::ExitStatus {
 fn a_text_model_of_several_widths_is_served_and_refuses_bad_requests() {
     let ws = workspace();
     let dir = ws.path();
-    let out = datamux(
-        dir,
-        &[
-            "run",
-            "experiments/serve-text.toml",
-            "--profile",
-            "smoke",
-            "--data-dir",
-            &mirror(),
-            "--out",
-            "out",
-            "--no-speed",
-            "--no-report",
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    let model = train(dir, "serve-text");
     let rows: Vec<datamux_runner::results::AccuracyRow> =
         datamux_runner::results::read_table(&dir.join("out/serve-text/accuracy.parquet")).unwrap();
     // One row per served N of the one checkpoint.
@@ -131,7 +140,6 @@ fn a_text_model_of_several_widths_is_served_and_refuses_bad_requests() {
     ns.sort_unstable();
     assert_eq!(ns, [1, 2]);
     assert!(rows.iter().all(|r| r.id.model_size.ends_with(" serve1-2")));
-    let model = model_dir(dir, "serve-text");
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -190,6 +198,47 @@ fn a_text_model_of_several_widths_is_served_and_refuses_bad_requests() {
     );
     assert!(stop(child).success());
 
+    // A full queue answers 503 with Retry-After at once; the rest are answered.
+    let (child, addr) = start(dir, &model, &["--queue", "1", "--policy", "fixed:1"]);
+    let codes: Vec<(u16, bool)> = rt.block_on(async {
+        let client = reqwest::Client::new();
+        let sends = (0..40).map(|_| {
+            let c = client.clone();
+            let url = format!("http://{addr}/v1/classify");
+            async move {
+                let r = c
+                    .post(url)
+                    .body(r#"{"inputs": ["a fine and moving film"]}"#)
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .await
+                    .unwrap();
+                (r.status().as_u16(), r.headers().contains_key("retry-after"))
+            }
+        });
+        let mut set = tokio::task::JoinSet::new();
+        for s in sends {
+            set.spawn(s);
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            out.push(r.unwrap());
+        }
+        out
+    });
+    assert!(
+        codes.iter().all(|(c, _)| *c == 200 || *c == 503),
+        "{codes:?}"
+    );
+    assert!(codes.iter().any(|(c, _)| *c == 200), "{codes:?}");
+    assert!(
+        codes
+            .iter()
+            .filter(|(c, _)| *c == 503)
+            .all(|(_, retry)| *retry)
+    );
+    assert!(stop(child).success());
+
     // `predict` answers the same folder from a file, one JSON line per input.
     std::fs::write(
         dir.join("in.txt"),
@@ -217,6 +266,53 @@ fn a_text_model_of_several_widths_is_served_and_refuses_bad_requests() {
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn an_image_model_answers_a_png_and_refuses_what_does_not_decode() {
+    let ws = tempfile::tempdir().unwrap();
+    let dir = ws.path();
+    let model = train(dir, "serve-mnist");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (child, addr) = start(dir, &model, &[]);
+    let png = |w: u32| {
+        let img = image::GrayImage::from_fn(w, w, |x, y| image::Luma([((x * y) % 256) as u8]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, out.into_inner())
+    };
+    let body = format!(r#"{{"inputs": ["{}", "{}"]}}"#, png(28), png(30));
+    let (status, _, v) = post(&rt, &addr, "/v1/classify", body);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["outputs"].as_array().unwrap().len(), 2);
+    for (body, want, says) in [
+        (
+            r#"{"inputs": ["not base64!"]}"#.to_string(),
+            400,
+            "not base64",
+        ),
+        (
+            r#"{"inputs": ["aGVsbG8="]}"#.to_string(),
+            422,
+            "cannot decode image",
+        ),
+        (
+            format!(r#"{{"inputs": ["{}"]}}"#, png(9)),
+            422,
+            "smaller than the 28x28 crop",
+        ),
+    ] {
+        let (status, _, v) = post(&rt, &addr, "/v1/classify", body);
+        assert_eq!(status, want, "{v}");
+        assert!(
+            v["error"].as_str().unwrap_or_default().contains(says),
+            "{v}"
+        );
+    }
+    assert!(stop(child).success());
 }
 
 #[test]

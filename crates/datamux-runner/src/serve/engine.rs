@@ -19,8 +19,9 @@ use super::metrics::Metrics;
 pub enum Policy {
     /// Always N (`fixed:1` is a plain dynamic batcher, the Triton-style baseline).
     Fixed(usize),
-    /// The smallest served N whose `--max-rows` rows hold everything queued: N = 1 while the
-    /// queue is short, wider as it grows.
+    /// The smallest served N at which everything queued is answered within the latency budget
+    /// (`--max-delay-ms`), at the measured time of a muxed row: N = 1 while the queue is
+    /// short, wider as it grows, N_max when even that is late.
     Adaptive,
 }
 
@@ -50,15 +51,23 @@ impl std::fmt::Display for Policy {
 }
 
 impl Policy {
-    /// N for a forward when `queued` instances wait and a forward takes at most `rows` rows;
-    /// `served` rises (the model's `serve_n`).
-    pub fn width(self, queued: usize, rows: usize, served: &[usize]) -> usize {
+    /// N for the next forward when `queued` instances wait, a muxed row at width n takes
+    /// `row_ms(n)` (measured: the backbone's share barely moves with n, which is the point of
+    /// multiplexing, the per-instance frontend and demux do) and the queue should drain
+    /// within `budget_ms`; `served` rises (the model's `serve_n`).
+    pub fn width(
+        self,
+        queued: usize,
+        row_ms: impl Fn(usize) -> f64,
+        budget_ms: f64,
+        served: &[usize],
+    ) -> usize {
         match self {
             Self::Fixed(n) => n,
             Self::Adaptive => served
                 .iter()
                 .copied()
-                .find(|n| n * rows >= queued)
+                .find(|n| queued.div_ceil(*n) as f64 * row_ms(*n) <= budget_ms)
                 .or_else(|| served.last().copied())
                 .unwrap_or(1),
         }
@@ -222,6 +231,27 @@ impl Drop for Engine {
     }
 }
 
+/// The time of a muxed row at each width, smoothed over its forwards (exponentially, 0.2 for
+/// the newest). A width not run yet borrows the nearest smaller one's (optimistic: it is tried,
+/// then known); before any forward every width is free, so the first choice is N = 1.
+#[derive(Default)]
+struct RowTimes(std::collections::BTreeMap<usize, f64>);
+
+impl RowTimes {
+    fn row_ms(&self, n: usize) -> f64 {
+        self.0
+            .range(..=n)
+            .next_back()
+            .or_else(|| self.0.iter().next())
+            .map_or(0.0, |(_, ms)| *ms)
+    }
+
+    fn record(&mut self, n: usize, ms: f64) {
+        let e = self.0.entry(n).or_insert(ms);
+        *e = 0.8 * *e + 0.2 * ms;
+    }
+}
+
 /// The loop: wait for work, let the oldest request's row fill for at most `max_delay`, take
 /// whole requests up to N x `max_rows` instances, run them, answer.
 fn run(
@@ -231,6 +261,7 @@ fn run(
     shared: &Shared,
     metrics: &Metrics,
 ) {
+    let mut times = RowTimes::default();
     loop {
         let mut st = shared.lock();
         while st.jobs.is_empty() && !st.closed {
@@ -240,8 +271,13 @@ fn run(
             return; // closed and drained
         };
         let deadline = oldest + s.max_delay;
+        let budget = s.max_delay.as_secs_f64() * 1000.0;
+        let width = |queued: usize| {
+            s.policy
+                .width(queued, |n| times.row_ms(n), budget, &card.serve_n)
+        };
         loop {
-            let n = s.policy.width(st.queued, s.max_rows, &card.serve_n);
+            let n = width(st.queued);
             let now = Instant::now();
             if st.queued >= n || st.closed || now >= deadline {
                 break;
@@ -252,7 +288,7 @@ fn run(
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
         }
-        let n = s.policy.width(st.queued, s.max_rows, &card.serve_n);
+        let n = width(st.queued);
         let room = n * s.max_rows;
         let mut jobs = Vec::new();
         let mut taken = 0;
@@ -267,7 +303,10 @@ fn run(
         metrics.queue_depth.set(st.queued as i64);
         drop(st);
         let inputs: Vec<Prepared> = jobs.iter().flat_map(|j| j.inputs.clone()).collect();
+        let started = Instant::now();
         let result = model.answer(&inputs, n);
+        let rows = inputs.len().div_ceil(n).max(1) as f64;
+        times.record(n, started.elapsed().as_secs_f64() * 1000.0 / rows);
         metrics.batch(n, inputs.len());
         match result {
             Ok(answers) => {
@@ -296,12 +335,30 @@ mod tests {
     fn adaptive_widens_with_the_queue_and_fixed_does_not() {
         let served = [1, 2, 5, 10];
         let a = Policy::Adaptive;
-        assert_eq!(a.width(1, 8, &served), 1);
-        assert_eq!(a.width(8, 8, &served), 1);
-        assert_eq!(a.width(9, 8, &served), 2);
-        assert_eq!(a.width(17, 8, &served), 5);
-        assert_eq!(a.width(1000, 8, &served), 10);
-        assert_eq!(Policy::Fixed(5).width(1, 8, &served), 5);
+        // 1 ms a row, 50 ms to drain the queue.
+        let w = |q| a.width(q, |_| 1.0, 50.0, &served);
+        assert_eq!(w(1), 1);
+        assert_eq!(w(50), 1);
+        assert_eq!(w(51), 2);
+        assert_eq!(w(101), 5);
+        assert_eq!(w(251), 10);
+        assert_eq!(w(100_000), 10);
+        // A wider row that costs more is chosen later.
+        assert_eq!(
+            a.width(101, |n| if n >= 5 { 3.0 } else { 1.0 }, 50.0, &served),
+            10
+        );
+        assert_eq!(
+            a.width(1000, |_| 0.0, 50.0, &served),
+            1,
+            "before any forward"
+        );
+        assert_eq!(Policy::Fixed(5).width(1, |_| 1.0, 50.0, &served), 5);
+        let mut t = RowTimes::default();
+        assert_eq!(t.row_ms(5), 0.0);
+        t.record(1, 2.0);
+        t.record(5, 4.0);
+        assert_eq!((t.row_ms(2), t.row_ms(5), t.row_ms(10)), (2.0, 4.0, 4.0));
         assert!(Policy::Fixed(3).check(&served).is_err());
         assert_eq!("fixed:2".parse::<Policy>(), Ok(Policy::Fixed(2)));
         assert!("fixed:0".parse::<Policy>().is_err());

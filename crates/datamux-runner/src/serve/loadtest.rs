@@ -122,6 +122,12 @@ pub fn table_path(out: &Path) -> PathBuf {
 }
 
 pub fn run(args: &LoadtestArgs) -> Result<()> {
+    let rows = measure(args)?;
+    write_rows(&table_path(&args.out), rows, false)
+}
+
+/// The rows of `args`' rates, measured one rate after the other.
+pub fn measure(args: &LoadtestArgs) -> Result<Vec<ServeRow>> {
     let url = args.url.trim_end_matches('/').to_string();
     let host = reqwest::Url::parse(&url)
         .with_context(|| format!("`{url}` is not a URL"))?
@@ -191,7 +197,7 @@ pub fn run(args: &LoadtestArgs) -> Result<()> {
         );
         rows.push(row);
     }
-    write_rows(&table_path(&args.out), rows)
+    Ok(rows)
 }
 
 /// The request bodies (one input each) in the seeded order, and the label of each.
@@ -399,9 +405,10 @@ fn summarise(h: &Health, args: &LoadtestArgs, rate: f64, fates: &[Fate], span: f
     }
 }
 
-/// Add `rows` to the table at `path`, replacing the rows of the same model, policy and rate,
-/// under the folder's lock.
-fn write_rows(path: &Path, rows: Vec<ServeRow>) -> Result<()> {
+/// Add `rows` to the table at `path` under the folder's lock, replacing the rows of the same
+/// model, policy and rate, or with `whole_models` every row of their models (a bench's ladder
+/// of rates is measured afresh each time: no row of an older ladder stays).
+pub fn write_rows(path: &Path, rows: Vec<ServeRow>, whole_models: bool) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let _lock = datamux_data::lock::Lock::acquire(&dir.join(".lock"), || {
@@ -409,9 +416,10 @@ fn write_rows(path: &Path, rows: Vec<ServeRow>) -> Result<()> {
     })?;
     let key = |r: &ServeRow| (r.model.clone(), r.policy.clone(), r.offered_rate.to_bits());
     let new: std::collections::BTreeSet<_> = rows.iter().map(key).collect();
+    let models: std::collections::BTreeSet<String> = rows.iter().map(|r| r.model.clone()).collect();
     let mut all: Vec<ServeRow> = crate::results::read_table(path)?
         .into_iter()
-        .filter(|r| !new.contains(&key(r)))
+        .filter(|r| !(new.contains(&key(r)) || whole_models && models.contains(&r.model)))
         .collect();
     all.extend(rows);
     all.sort_by(|a, b| {

@@ -3,10 +3,13 @@
 //! loadtest` (open-loop Poisson load with every answer checked; `serve/serve.parquet`).
 //! docs/serving.md is the user's guide.
 
+pub mod bench;
 pub mod engine;
 pub mod http;
+pub mod listener;
 pub mod loadtest;
 pub mod metrics;
+pub mod report;
 
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -35,11 +38,12 @@ pub struct ServeArgs {
     /// Muxed rows per forward at most.
     #[arg(long, default_value_t = 8)]
     pub max_rows: usize,
-    /// The longest the oldest queued request waits for its row to fill (milliseconds).
-    #[arg(long, default_value_t = 5)]
+    /// The latency budget (milliseconds): the longest the oldest queued request waits for its
+    /// row to fill, and, for `adaptive`, the time within which the queue should drain.
+    #[arg(long, default_value_t = 100)]
     pub max_delay_ms: u64,
     /// Queued inputs at most; past it a request gets 503 with Retry-After.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 4096)]
     pub queue: usize,
     /// Inputs per request at most.
     #[arg(long, default_value_t = 64)]
@@ -47,6 +51,9 @@ pub struct ServeArgs {
     /// Request bodies at most (bytes).
     #[arg(long, default_value_t = 4 << 20)]
     pub body_limit: usize,
+    /// Open connections at most; past it new clients wait to be accepted.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
 }
 
 impl ServeArgs {
@@ -70,8 +77,11 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
         max_inputs: args.max_inputs.max(1),
         threads: candle_core::utils::get_num_threads(),
     });
+    // Preparing inputs (tokenising, decoding) is short CPU work: a few blocking threads, not
+    // tokio's default of 512, each of which would keep its own allocator heap under a burst.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(4)
         .enable_all()
         .build()?;
     rt.block_on(async {
@@ -85,6 +95,7 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
             app.engine.card.run_id, args.policy, app.engine.card.modality
         ));
         let router = http::router(app.clone(), args.body_limit);
+        let listener = listener::Limited::new(listener, args.max_connections);
         axum::serve(listener, router)
             .with_graceful_shutdown(shutdown())
             .await
