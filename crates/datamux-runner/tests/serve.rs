@@ -198,44 +198,43 @@ fn a_text_model_of_several_widths_is_served_and_refuses_bad_requests() {
     );
     assert!(stop(child).success());
 
-    // A full queue answers 503 with Retry-After at once; the rest are answered.
-    let (child, addr) = start(dir, &model, &["--queue", "1", "--policy", "fixed:1"]);
-    let codes: Vec<(u16, bool)> = rt.block_on(async {
-        let client = reqwest::Client::new();
-        let sends = (0..40).map(|_| {
-            let c = client.clone();
-            let url = format!("http://{addr}/v1/classify");
-            async move {
-                let r = c
-                    .post(url)
-                    .body(r#"{"inputs": ["a fine and moving film"]}"#)
-                    .timeout(Duration::from_secs(30))
-                    .send()
-                    .await
-                    .unwrap();
-                (r.status().as_u16(), r.headers().contains_key("retry-after"))
-            }
-        });
-        let mut set = tokio::task::JoinSet::new();
-        for s in sends {
-            set.spawn(s);
-        }
-        let mut out = Vec::new();
-        while let Some(r) = set.join_next().await {
-            out.push(r.unwrap());
-        }
-        out
-    });
-    assert!(
-        codes.iter().all(|(c, _)| *c == 200 || *c == 503),
-        "{codes:?}"
+    // A full queue answers 503 with Retry-After at once: under fixed:2 a lone request waits
+    // (up to the 3 s budget) for its row to fill, so with a queue of 1 the next is refused.
+    let (child, addr) = start(
+        dir,
+        &model,
+        &[
+            "--queue",
+            "1",
+            "--policy",
+            "fixed:2",
+            "--max-delay-ms",
+            "3000",
+        ],
     );
-    assert!(codes.iter().any(|(c, _)| *c == 200), "{codes:?}");
-    assert!(
-        codes
-            .iter()
-            .filter(|(c, _)| *c == 503)
-            .all(|(_, retry)| *retry)
+    let (first, second) = rt.block_on(async {
+        let client = reqwest::Client::new();
+        let url = format!("http://{addr}/v1/classify");
+        let send = |c: reqwest::Client, url: String| async move {
+            let r = c
+                .post(url)
+                .body(r#"{"inputs": ["a fine and moving film"]}"#)
+                .timeout(Duration::from_secs(30))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.headers().contains_key("retry-after"))
+        };
+        let waiting = tokio::spawn(send(client.clone(), url.clone()));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let refused = send(client, url).await;
+        (waiting.await.unwrap(), refused)
+    });
+    assert_eq!(second, (503, true), "the second request, the queue full");
+    assert_eq!(
+        first,
+        (200, false),
+        "the first, answered once its wait ran out"
     );
     assert!(stop(child).success());
 
