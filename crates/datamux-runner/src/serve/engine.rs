@@ -20,8 +20,9 @@ pub enum Policy {
     /// Always N (`fixed:1` is a plain dynamic batcher, the Triton-style baseline).
     Fixed(usize),
     /// The smallest served N at which everything queued is answered within the latency budget
-    /// (`--max-delay-ms`), at the measured time of a muxed row: N = 1 while the queue is
-    /// short, wider as it grows, N_max when even that is late.
+    /// (`--max-delay-ms`) at the measured time of a muxed row, and whose measured capacity is
+    /// not far below the arrival rate: N = 1 while the queue is short, wider as it grows,
+    /// N_max when even that is late.
     Adaptive,
 }
 
@@ -51,14 +52,17 @@ impl std::fmt::Display for Policy {
 }
 
 impl Policy {
-    /// N for the next forward when `queued` instances wait, a muxed row at width n takes
-    /// `row_ms(n)` (measured: the backbone's share barely moves with n, which is the point of
-    /// multiplexing, the per-instance frontend and demux do) and the queue should drain
-    /// within `budget_ms`; `served` rises (the model's `serve_n`).
+    /// N for the next forward when `queued` instances wait, `arrivals` arrive per second, a
+    /// muxed row at width n takes `row_ms(n)` of the loop (measured: the backbone's share
+    /// barely moves with n, which is the point of multiplexing; the per-instance frontend and
+    /// demux, and answering each request, do) and the queue should drain within `budget_ms`;
+    /// `served` rises (the model's `serve_n`). The arrival check sees an overload the queue
+    /// cannot show: past `--max-connections`, clients wait outside it.
     pub fn width(
         self,
         queued: usize,
-        row_ms: impl Fn(usize) -> f64,
+        arrivals: f64,
+        times: &RowTimes,
         budget_ms: f64,
         served: &[usize],
     ) -> usize {
@@ -67,7 +71,13 @@ impl Policy {
             Self::Adaptive => served
                 .iter()
                 .copied()
-                .find(|n| queued.div_ceil(*n) as f64 * row_ms(*n) <= budget_ms)
+                .find(|n| {
+                    let on_time = queued.div_ceil(*n) as f64 * times.row_ms(*n) <= budget_ms;
+                    // A quarter over the capacity is noise at the knee; more is a load this
+                    // width cannot carry. Unknown (no full forward yet): not the limit.
+                    let keeps_up = times.capacity(*n).is_none_or(|c| arrivals <= 1.25 * c);
+                    on_time && keeps_up
+                })
                 .or_else(|| served.last().copied())
                 .unwrap_or(1),
         }
@@ -109,6 +119,8 @@ struct Job {
 struct State {
     jobs: VecDeque<Job>,
     queued: usize,
+    /// Instances submitted since the loop last read it (the arrival rate's input).
+    arrived: usize,
     closed: bool,
 }
 
@@ -199,6 +211,7 @@ impl Engine {
             return Err(Refused::Full);
         }
         st.queued += inputs.len();
+        st.arrived += inputs.len();
         st.jobs.push_back(Job {
             inputs,
             arrived: Instant::now(),
@@ -231,24 +244,43 @@ impl Drop for Engine {
     }
 }
 
-/// The time of a muxed row at each width, smoothed over its forwards (exponentially, 0.2 for
-/// the newest). A width not run yet borrows the nearest smaller one's (optimistic: it is tried,
-/// then known); before any forward every width is free, so the first choice is N = 1.
+/// What the loop has measured at each width, smoothed over its forwards (exponentially, 0.2
+/// for the newest): the time of a muxed row, and the instances per second of a full forward
+/// (`--max-rows` rows; a short forward's fixed costs would make it look slower than the width
+/// is under load). A width not run yet borrows the nearest smaller one's row time
+/// (optimistic: it is tried, then known); before any forward every width is free, so the first
+/// choice is N = 1.
 #[derive(Default)]
-struct RowTimes(std::collections::BTreeMap<usize, f64>);
+pub struct RowTimes {
+    row_ms: std::collections::BTreeMap<usize, f64>,
+    full: std::collections::BTreeMap<usize, f64>,
+}
 
 impl RowTimes {
-    fn row_ms(&self, n: usize) -> f64 {
-        self.0
+    pub fn row_ms(&self, n: usize) -> f64 {
+        self.row_ms
             .range(..=n)
             .next_back()
-            .or_else(|| self.0.iter().next())
+            .or_else(|| self.row_ms.iter().next())
             .map_or(0.0, |(_, ms)| *ms)
     }
 
-    fn record(&mut self, n: usize, ms: f64) {
-        let e = self.0.entry(n).or_insert(ms);
-        *e = 0.8 * *e + 0.2 * ms;
+    /// Instances per second at width `n`, from its full forwards.
+    pub fn capacity(&self, n: usize) -> Option<f64> {
+        self.full.get(&n).copied()
+    }
+
+    /// A forward at width `n` of `rows` rows (`full`: as many as it may take) and `inputs`
+    /// instances, which took `ms` of the loop.
+    pub fn record(&mut self, n: usize, rows: usize, inputs: usize, full: bool, ms: f64) {
+        let smooth = |m: &mut std::collections::BTreeMap<usize, f64>, v: f64| {
+            let e = m.entry(n).or_insert(v);
+            *e = 0.8 * *e + 0.2 * v;
+        };
+        smooth(&mut self.row_ms, ms / rows.max(1) as f64);
+        if full && ms > 0.0 {
+            smooth(&mut self.full, inputs as f64 * 1000.0 / ms);
+        }
     }
 }
 
@@ -262,6 +294,7 @@ fn run(
     metrics: &Metrics,
 ) {
     let mut times = RowTimes::default();
+    let mut rate = Rate::default();
     loop {
         let mut st = shared.lock();
         while st.jobs.is_empty() && !st.closed {
@@ -272,9 +305,11 @@ fn run(
         };
         let deadline = oldest + s.max_delay;
         let budget = s.max_delay.as_secs_f64() * 1000.0;
+        rate.add(std::mem::take(&mut st.arrived));
+        let arrivals = rate.per_second();
         let width = |queued: usize| {
             s.policy
-                .width(queued, |n| times.row_ms(n), budget, &card.serve_n)
+                .width(queued, arrivals, &times, budget, &card.serve_n)
         };
         loop {
             let n = width(st.queued);
@@ -302,11 +337,11 @@ fn run(
         st.queued -= taken;
         metrics.queue_depth.set(st.queued as i64);
         drop(st);
-        let inputs: Vec<Prepared> = jobs.iter().flat_map(|j| j.inputs.clone()).collect();
         let started = Instant::now();
+        let inputs: Vec<Prepared> = jobs.iter().flat_map(|j| j.inputs.clone()).collect();
         let result = model.answer(&inputs, n);
-        let rows = inputs.len().div_ceil(n).max(1) as f64;
-        times.record(n, started.elapsed().as_secs_f64() * 1000.0 / rows);
+        let rows = inputs.len().div_ceil(n).max(1);
+        let full = rows >= s.max_rows;
         metrics.batch(n, inputs.len());
         match result {
             Ok(answers) => {
@@ -324,6 +359,40 @@ fn run(
                 }
             }
         }
+        // The loop's time per row: the forward and answering its requests.
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        times.record(n, rows, inputs.len(), full, ms);
+    }
+}
+
+/// Instances arriving per second, decayed exponentially over about 100 ms.
+struct Rate {
+    per_s: f64,
+    at: Instant,
+}
+
+impl Default for Rate {
+    fn default() -> Self {
+        Self {
+            per_s: 0.0,
+            at: Instant::now(),
+        }
+    }
+}
+
+impl Rate {
+    const TAU_S: f64 = 0.1;
+
+    fn add(&mut self, count: usize) {
+        let now = Instant::now();
+        let dt = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        let keep = (-dt / Self::TAU_S).exp();
+        self.per_s = self.per_s * keep + count as f64 * (1.0 - keep) / dt.max(1e-9);
+    }
+
+    fn per_second(&self) -> f64 {
+        self.per_s
     }
 }
 
@@ -335,8 +404,12 @@ mod tests {
     fn adaptive_widens_with_the_queue_and_fixed_does_not() {
         let served = [1, 2, 5, 10];
         let a = Policy::Adaptive;
-        // 1 ms a row, 50 ms to drain the queue.
-        let w = |q| a.width(q, |_| 1.0, 50.0, &served);
+        // 1 ms a row (forwards of 4 rows), 50 ms to drain the queue.
+        let mut t = RowTimes::default();
+        for n in served {
+            t.record(n, 4, 4 * n, true, 4.0);
+        }
+        let w = |q| a.width(q, 0.0, &t, 50.0, &served);
         assert_eq!(w(1), 1);
         assert_eq!(w(50), 1);
         assert_eq!(w(51), 2);
