@@ -416,22 +416,27 @@ mod tests {
         assert_eq!(w(101), 5);
         assert_eq!(w(251), 10);
         assert_eq!(w(100_000), 10);
-        // A wider row that costs more is chosen later.
+        let fresh = RowTimes::default();
         assert_eq!(
-            a.width(101, |n| if n >= 5 { 3.0 } else { 1.0 }, 50.0, &served),
-            10
-        );
-        assert_eq!(
-            a.width(1000, |_| 0.0, 50.0, &served),
+            a.width(1000, 0.0, &fresh, 50.0, &served),
             1,
             "before any forward"
         );
-        assert_eq!(Policy::Fixed(5).width(1, |_| 1.0, 50.0, &served), 5);
+        // A short queue, but 3000 arrivals a second where N = 1 carries 1000 and N = 2 2000.
+        assert_eq!(a.width(4, 3000.0, &t, 50.0, &served), 5);
+        assert_eq!(
+            a.width(4, 1200.0, &t, 50.0, &served),
+            1,
+            "within the margin"
+        );
+        assert_eq!(Policy::Fixed(5).width(1, 9e9, &t, 50.0, &served), 5);
+        // A wider row that costs more is chosen later; short forwards say nothing of capacity.
         let mut t = RowTimes::default();
-        assert_eq!(t.row_ms(5), 0.0);
-        t.record(1, 2.0);
-        t.record(5, 4.0);
+        t.record(1, 2, 2, false, 4.0);
+        t.record(5, 1, 5, true, 4.0);
         assert_eq!((t.row_ms(2), t.row_ms(5), t.row_ms(10)), (2.0, 4.0, 4.0));
+        assert_eq!((t.capacity(1), t.capacity(5)), (None, Some(1250.0)));
+        assert_eq!(a.width(60, 0.0, &t, 100.0, &served), 2);
         assert!(Policy::Fixed(3).check(&served).is_err());
         assert_eq!("fixed:2".parse::<Policy>(), Ok(Policy::Fixed(2)));
         assert!("fixed:0".parse::<Policy>().is_err());
