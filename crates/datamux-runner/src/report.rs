@@ -486,7 +486,11 @@ pub fn write_reports(root: &Path, command: &str) -> Result<Vec<PathBuf>> {
         datamux_data::atomic::write_bytes(&path, md.as_bytes())?;
         out.push(path);
     }
+    // The serving table under `root`, or `root` itself the serving folder.
     out.extend(crate::serve::report::write(root)?);
+    if root.join("serve.parquet").is_file() {
+        out.extend(crate::serve::report::write(root.parent().unwrap_or(root))?);
+    }
     Ok(out)
 }
 

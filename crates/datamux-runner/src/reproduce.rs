@@ -310,7 +310,7 @@ pub fn publish(from: &Path, to: &Path, replace: bool) -> Result<Vec<PathBuf>> {
         let rows = results::read_table(&serve)?;
         let dest = crate::serve::loadtest::table_path(to);
         crate::serve::loadtest::write_rows(&dest, rows, true)?;
-        written.push(dest);
+        written.push(dest.parent().unwrap_or(to).to_path_buf());
     }
     if written.is_empty() {
         bail!("{} holds no experiment tables to publish", from.display());

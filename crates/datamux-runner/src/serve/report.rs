@@ -231,12 +231,13 @@ fn draw(
                     .draw()?;
                 for (i, (name, line)) in curves.iter().enumerate() {
                     let color = Palette99::pick(i).to_rgba();
-                    let mut line: Vec<(f64, f64)> = line
+                    // In the table's order, offered rate rising: past saturation a curve of
+                    // throughput turns back (more offered, less answered).
+                    let line: Vec<(f64, f64)> = line
                         .iter()
                         .copied()
                         .filter(|(x, y)| x.is_finite() && y.is_finite() && (!log_y || *y > 0.0))
                         .collect();
-                    line.sort_by(|a, b| a.0.total_cmp(&b.0));
                     $chart
                         .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))?
                         .label(name.clone())
