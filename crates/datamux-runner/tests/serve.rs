@@ -192,6 +192,11 @@ fn a_text_model_of_several_widths_is_served_and_refuses_bad_requests() {
     assert_eq!(status, 200);
     assert!(metrics.contains("datamux_requests_total"), "{metrics}");
     assert!(metrics.contains("datamux_batches_total{n=\""), "{metrics}");
+    assert!(metrics.contains("datamux_loop_busy_ratio "), "{metrics}");
+    assert!(
+        metrics.contains("datamux_runtime_lag_seconds "),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("datamux_request_latency_seconds_bucket"),
         "{metrics}"

@@ -14,15 +14,24 @@ use tokio::sync::oneshot;
 
 use super::metrics::Metrics;
 
+/// The most of its capacity (see [`Load`]) the loop may use at the width it picks. Near 1
+/// every forward is full and the loop never waits: the width carries no more, and the queue is
+/// about to grow (or, past the connection cap, the clients' wait outside it). So close to 1
+/// because at the highest rate `fixed:1` sustains the estimate passes 0.97 and 0.98 at times
+/// (lines there widened at that rate in both bench rounds that had them); only a sustained overload keeps
+/// it above 0.995 (about 2.6 s of full forwards back to back), and the queue's check acts
+/// sooner on any overload the queue shows.
+pub const USED_MAX: f64 = 0.995;
+
 /// How many instances each muxed row carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
     /// Always N (`fixed:1` is a plain dynamic batcher, the Triton-style baseline).
     Fixed(usize),
     /// The smallest served N at which everything queued is answered within the latency budget
-    /// (`--max-delay-ms`) at the measured time of a muxed row, and whose measured capacity is
-    /// not far below the arrival rate: N = 1 while the queue is short, wider as it grows,
-    /// N_max when even that is late.
+    /// (`--max-delay-ms`) at the measured time of a muxed row, and at which the loop would use
+    /// at most [`USED_MAX`] of its capacity: N = 1 while the queue is short and the loop has
+    /// room, wider as either fills, N_max when even that is late.
     Adaptive,
 }
 
@@ -52,16 +61,18 @@ impl std::fmt::Display for Policy {
 }
 
 impl Policy {
-    /// N for the next forward when `queued` instances wait, `arrivals` arrive per second, a
-    /// muxed row at width n takes `row_ms(n)` of the loop (measured: the backbone's share
-    /// barely moves with n, which is the point of multiplexing; the per-instance frontend and
-    /// demux, and answering each request, do) and the queue should drain within `budget_ms`;
-    /// `served` rises (the model's `serve_n`). The arrival check sees an overload the queue
-    /// cannot show: past `--max-connections`, clients wait outside it.
+    /// N for the next forward when `queued` instances wait, the loop used `load.used` of its
+    /// capacity at width `load.n`, a muxed row at width n takes `row_ms(n)` of the
+    /// loop (measured: the backbone's share barely moves with n, which is the point of
+    /// multiplexing; the per-instance frontend and demux, and answering each request, do) and
+    /// the queue should drain within `budget_ms`; `served` rises (the model's `serve_n`).
+    ///
+    /// The capacity check sees an overload the queue cannot show: past `--max-connections`,
+    /// clients wait outside the queue, and the loop sees only as many arrivals as it answers.
     pub fn width(
         self,
         queued: usize,
-        arrivals: f64,
+        load: Load,
         times: &RowTimes,
         budget_ms: f64,
         served: &[usize],
@@ -73,10 +84,7 @@ impl Policy {
                 .copied()
                 .find(|n| {
                     let on_time = queued.div_ceil(*n) as f64 * times.row_ms(*n) <= budget_ms;
-                    // A quarter over the capacity is noise at the knee; more is a load this
-                    // width cannot carry. Unknown (no full forward yet): not the limit.
-                    let keeps_up = times.capacity(*n).is_none_or(|c| arrivals <= 1.25 * c);
-                    on_time && keeps_up
+                    on_time && load.share_at(*n) <= USED_MAX
                 })
                 .or_else(|| served.last().copied())
                 .unwrap_or(1),
@@ -119,8 +127,6 @@ struct Job {
 struct State {
     jobs: VecDeque<Job>,
     queued: usize,
-    /// Instances submitted since the loop last read it (the arrival rate's input).
-    arrived: usize,
     closed: bool,
 }
 
@@ -177,6 +183,10 @@ impl Engine {
             .name("datamux-infer".into())
             .spawn(move || match modality.load_served(&dir, &loop_card) {
                 Ok(model) => {
+                    if let Err(e) = warm(&*model, &loop_card, loop_settings.max_rows) {
+                        let _ = tx.send(Err(format!("{e:#}")));
+                        return;
+                    }
                     let _ = tx.send(Ok(model.preparer()));
                     run(&*model, &loop_card, &loop_settings, &loop_shared, &metrics);
                 }
@@ -211,7 +221,6 @@ impl Engine {
             return Err(Refused::Full);
         }
         st.queued += inputs.len();
-        st.arrived += inputs.len();
         st.jobs.push_back(Job {
             inputs,
             arrived: Instant::now(),
@@ -244,43 +253,122 @@ impl Drop for Engine {
     }
 }
 
-/// What the loop has measured at each width, smoothed over its forwards (exponentially, 0.2
-/// for the newest): the time of a muxed row, and the instances per second of a full forward
-/// (`--max-rows` rows; a short forward's fixed costs would make it look slower than the width
-/// is under load). A width not run yet borrows the nearest smaller one's row time
-/// (optimistic: it is tried, then known); before any forward every width is free, so the first
-/// choice is N = 1.
+/// Run full forwards at every served width before the first request: the first forwards at a
+/// width are up to ten times slower (allocations, cold caches), and the policy would learn
+/// that as the width's cost.
+fn warm(model: &dyn datamux_pipeline::serve::Served, card: &Card, max_rows: usize) -> Result<()> {
+    use datamux_pipeline::serve::{Input, InputKind};
+    let png;
+    let input = match card.input {
+        InputKind::Text => Input::Text("a warm-up sentence"),
+        InputKind::Image => {
+            let mut out = std::io::Cursor::new(Vec::new());
+            image::GrayImage::new(256, 256).write_to(&mut out, image::ImageFormat::Png)?;
+            png = out.into_inner();
+            Input::Image(&png)
+        }
+    };
+    let one = model
+        .preparer()
+        .prepare(input)
+        .map_err(|e| anyhow::anyhow!("warming up: {e}"))?;
+    for &n in &card.serve_n {
+        let inputs = vec![one.clone(); n * max_rows];
+        for _ in 0..3 {
+            model.answer(&inputs, n).context("warming up")?;
+        }
+    }
+    Ok(())
+}
+
+/// The time of a muxed row at each width the loop has run, smoothed over its forwards
+/// (exponentially, 0.2 for the newest). A width not run yet, or not for [`RowTimes::STALE`],
+/// is unknown: it borrows the nearest smaller known one's row time, else the smallest known
+/// (optimistic: it is tried, then known). So an estimate taken under other traffic, or on a
+/// slow first forward, cannot keep the policy off a width for good; before any forward every
+/// width is free, so the first choice is N = 1.
 #[derive(Default)]
 pub struct RowTimes {
-    row_ms: std::collections::BTreeMap<usize, f64>,
-    full: std::collections::BTreeMap<usize, f64>,
+    row_ms: std::collections::BTreeMap<usize, (f64, Instant)>,
 }
 
 impl RowTimes {
+    pub const STALE: Duration = Duration::from_secs(1);
+
+    /// Forget the widths other than `current` not run since `now - STALE`.
+    pub fn expire(&mut self, current: usize, now: Instant) {
+        self.row_ms
+            .retain(|n, (_, at)| *n == current || now.duration_since(*at) < Self::STALE);
+    }
+
     pub fn row_ms(&self, n: usize) -> f64 {
         self.row_ms
             .range(..=n)
             .next_back()
             .or_else(|| self.row_ms.iter().next())
-            .map_or(0.0, |(_, ms)| *ms)
+            .map_or(0.0, |(_, (ms, _))| *ms)
     }
 
-    /// Instances per second at width `n`, from its full forwards.
-    pub fn capacity(&self, n: usize) -> Option<f64> {
-        self.full.get(&n).copied()
+    /// A forward at width `n` of `rows` rows which took `ms` of the loop.
+    pub fn record(&mut self, n: usize, rows: usize, ms: f64) {
+        let v = ms / rows.max(1) as f64;
+        let now = Instant::now();
+        let e = self.row_ms.entry(n).or_insert((v, now));
+        *e = (0.8 * e.0 + 0.2 * v, now);
     }
+}
 
-    /// A forward at width `n` of `rows` rows (`full`: as many as it may take) and `inputs`
-    /// instances, which took `ms` of the loop.
-    pub fn record(&mut self, n: usize, rows: usize, inputs: usize, full: bool, ms: f64) {
-        let smooth = |m: &mut std::collections::BTreeMap<usize, f64>, v: f64| {
-            let e = m.entry(n).or_insert(v);
-            *e = 0.8 * *e + 0.2 * v;
-        };
-        smooth(&mut self.row_ms, ms / rows.max(1) as f64);
-        if full && ms > 0.0 {
-            smooth(&mut self.full, inputs as f64 * 1000.0 / ms);
+/// How much of its capacity at the width it last ran (`n`) the loop used, decayed over about
+/// 500 ms: the share of wall time it ran forwards, times how full they were (rows over
+/// `--max-rows`). A loop busy all the time with small forwards still has room (it would batch
+/// more rows per forward); one busy all the time with full forwards has none.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Load {
+    pub used: f64,
+    pub n: usize,
+}
+
+impl Load {
+    /// The share the same arrivals would take at width `n`: n times fewer rows. Not the
+    /// measured row times: a row's measured time depends on how many rows its forwards had
+    /// (a forward's fixed cost is several rows'), so a width run at light load would look
+    /// dearer per row than one run full.
+    pub fn share_at(self, n: usize) -> f64 {
+        self.used * self.n.max(1) as f64 / n as f64
+    }
+}
+
+/// [`Load`] as the loop measures it, and its plain busy share (the metric).
+struct Busy {
+    load: Load,
+    busy: f64,
+    at: Instant,
+}
+
+impl Busy {
+    const TAU_S: f64 = 0.5;
+
+    fn new() -> Self {
+        Self {
+            load: Load { used: 0.0, n: 1 },
+            busy: 0.0,
+            at: Instant::now(),
         }
+    }
+
+    /// A forward at width `n` of `fill` (rows over `--max-rows`) that ran from `started`
+    /// until now; the time since the previous one ended, less this forward, was spent waiting.
+    fn record(&mut self, n: usize, fill: f64, started: Instant) {
+        let now = Instant::now();
+        let dt = now.duration_since(self.at).as_secs_f64().max(1e-9);
+        let share = (now.duration_since(started).as_secs_f64() / dt).min(1.0);
+        let keep = (-dt / Self::TAU_S).exp();
+        self.busy = self.busy * keep + share * (1.0 - keep);
+        self.load = Load {
+            used: self.load.used * keep + share * fill.min(1.0) * (1.0 - keep),
+            n,
+        };
+        self.at = now;
     }
 }
 
@@ -294,7 +382,7 @@ fn run(
     metrics: &Metrics,
 ) {
     let mut times = RowTimes::default();
-    let mut rate = Rate::default();
+    let mut busy = Busy::new();
     loop {
         let mut st = shared.lock();
         while st.jobs.is_empty() && !st.closed {
@@ -305,12 +393,9 @@ fn run(
         };
         let deadline = oldest + s.max_delay;
         let budget = s.max_delay.as_secs_f64() * 1000.0;
-        rate.add(std::mem::take(&mut st.arrived));
-        let arrivals = rate.per_second();
-        let width = |queued: usize| {
-            s.policy
-                .width(queued, arrivals, &times, budget, &card.serve_n)
-        };
+        let load = busy.load;
+        times.expire(load.n, Instant::now());
+        let width = |queued: usize| s.policy.width(queued, load, &times, budget, &card.serve_n);
         loop {
             let n = width(st.queued);
             let now = Instant::now();
@@ -341,7 +426,6 @@ fn run(
         let inputs: Vec<Prepared> = jobs.iter().flat_map(|j| j.inputs.clone()).collect();
         let result = model.answer(&inputs, n);
         let rows = inputs.len().div_ceil(n).max(1);
-        let full = rows >= s.max_rows;
         metrics.batch(n, inputs.len());
         match result {
             Ok(answers) => {
@@ -361,38 +445,9 @@ fn run(
         }
         // The loop's time per row: the forward and answering its requests.
         let ms = started.elapsed().as_secs_f64() * 1000.0;
-        times.record(n, rows, inputs.len(), full, ms);
-    }
-}
-
-/// Instances arriving per second, decayed exponentially over about 100 ms.
-struct Rate {
-    per_s: f64,
-    at: Instant,
-}
-
-impl Default for Rate {
-    fn default() -> Self {
-        Self {
-            per_s: 0.0,
-            at: Instant::now(),
-        }
-    }
-}
-
-impl Rate {
-    const TAU_S: f64 = 0.1;
-
-    fn add(&mut self, count: usize) {
-        let now = Instant::now();
-        let dt = now.duration_since(self.at).as_secs_f64();
-        self.at = now;
-        let keep = (-dt / Self::TAU_S).exp();
-        self.per_s = self.per_s * keep + count as f64 * (1.0 - keep) / dt.max(1e-9);
-    }
-
-    fn per_second(&self) -> f64 {
-        self.per_s
+        times.record(n, rows, ms);
+        busy.record(n, rows as f64 / s.max_rows as f64, started);
+        metrics.loop_busy.set(busy.busy);
     }
 }
 
@@ -401,15 +456,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn adaptive_widens_with_the_queue_and_fixed_does_not() {
+    fn adaptive_widens_with_the_queue_and_the_load_and_fixed_does_not() {
         let served = [1, 2, 5, 10];
         let a = Policy::Adaptive;
-        // 1 ms a row (forwards of 4 rows), 50 ms to drain the queue.
+        // 1 ms a row at every width, 50 ms to drain the queue.
         let mut t = RowTimes::default();
         for n in served {
-            t.record(n, 4, 4 * n, true, 4.0);
+            t.record(n, 4, 4.0);
         }
-        let w = |q| a.width(q, 0.0, &t, 50.0, &served);
+        let idle = Load { used: 0.0, n: 1 };
+        let w = |q| a.width(q, idle, &t, 50.0, &served);
         assert_eq!(w(1), 1);
         assert_eq!(w(50), 1);
         assert_eq!(w(51), 2);
@@ -418,28 +474,49 @@ mod tests {
         assert_eq!(w(100_000), 10);
         let fresh = RowTimes::default();
         assert_eq!(
-            a.width(1000, 0.0, &fresh, 50.0, &served),
+            a.width(1000, idle, &fresh, 50.0, &served),
             1,
             "before any forward"
         );
-        // A short queue, but 3000 arrivals a second where N = 1 carries 1000 and N = 2 2000.
-        assert_eq!(a.width(4, 3000.0, &t, 50.0, &served), 5);
-        assert_eq!(
-            a.width(4, 1200.0, &t, 50.0, &served),
-            1,
-            "within the margin"
-        );
-        assert_eq!(Policy::Fixed(5).width(1, 9e9, &t, 50.0, &served), 5);
-        // A wider row that costs more is chosen later; short forwards say nothing of capacity.
+        // A short queue, but all of the capacity used at N = 1: N = 2 would take half.
+        let loaded = Load { used: 1.0, n: 1 };
+        assert_eq!(a.width(1, loaded, &t, 50.0, &served), 2);
+        assert_eq!(a.width(1, Load { used: 0.8, n: 1 }, &t, 50.0, &served), 1);
+        // All of it at N = 10: N = 5 would need twice that; it stays.
+        assert_eq!(a.width(1, Load { used: 1.0, n: 10 }, &t, 50.0, &served), 10);
+        // 30 % at N = 10 is 60 % at N = 5 and 150 % at N = 2.
+        assert_eq!(a.width(1, Load { used: 0.3, n: 10 }, &t, 50.0, &served), 5);
+        assert_eq!(Policy::Fixed(5).width(1, loaded, &t, 50.0, &served), 5);
+        // A wider row that costs more is chosen later; a width not run borrows a smaller one's.
         let mut t = RowTimes::default();
-        t.record(1, 2, 2, false, 4.0);
-        t.record(5, 1, 5, true, 4.0);
+        t.record(1, 2, 4.0);
+        t.record(5, 1, 4.0);
         assert_eq!((t.row_ms(2), t.row_ms(5), t.row_ms(10)), (2.0, 4.0, 4.0));
-        assert_eq!((t.capacity(1), t.capacity(5)), (None, Some(1250.0)));
-        assert_eq!(a.width(60, 0.0, &t, 100.0, &served), 2);
+        assert_eq!(a.width(60, idle, &t, 100.0, &served), 2);
+        assert_eq!(Load { used: 0.5, n: 1 }.share_at(5), 0.1);
+        // Widths not run for a second are forgotten, the current one kept.
+        let later = Instant::now() + RowTimes::STALE;
+        t.expire(5, later);
+        assert_eq!((t.row_ms(1), t.row_ms(5)), (4.0, 4.0));
         assert!(Policy::Fixed(3).check(&served).is_err());
         assert_eq!("fixed:2".parse::<Policy>(), Ok(Policy::Fixed(2)));
         assert!("fixed:0".parse::<Policy>().is_err());
         assert!("wide".parse::<Policy>().is_err());
+    }
+
+    #[test]
+    fn the_busy_share_is_the_time_in_forwards() {
+        let mut b = Busy::new();
+        // 1.2 s, over twice the decay time.
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(6));
+            let started = Instant::now();
+            std::thread::sleep(Duration::from_millis(6));
+            b.record(2, 0.5, started);
+        }
+        // Half the time in forwards, half full; sleeps only overshoot, so the shares stay near.
+        assert!((0.3..0.7).contains(&b.busy), "{}", b.busy);
+        assert!((0.15..0.35).contains(&b.load.used), "{:?}", b.load);
+        assert_eq!(b.load.n, 2);
     }
 }

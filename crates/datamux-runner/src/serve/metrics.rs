@@ -25,6 +25,10 @@ pub struct Metrics {
     pub requests: Family<Route, Counter>,
     /// Instances waiting in the queue.
     pub queue_depth: Gauge,
+    /// The share of time the inference loop runs forwards (decayed over ~500 ms).
+    pub loop_busy: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// How late the HTTP runtime wakes a timer (smoothed): its workers' backlog.
+    pub runtime_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Forwards and the real instances they answered, by N.
     pub batches: Family<Width, Counter>,
     pub instances: Family<Width, Counter>,
@@ -37,6 +41,8 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("datamux");
         let requests = Family::<Route, Counter>::default();
         let queue_depth = Gauge::default();
+        let loop_busy = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let runtime_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let batches = Family::<Width, Counter>::default();
         let instances = Family::<Width, Counter>::default();
         // 1 ms .. ~16 s.
@@ -47,6 +53,16 @@ impl Default for Metrics {
             requests.clone(),
         );
         registry.register("queue_depth", "Instances waiting", queue_depth.clone());
+        registry.register(
+            "loop_busy_ratio",
+            "Share of time the inference loop runs forwards",
+            loop_busy.clone(),
+        );
+        registry.register(
+            "runtime_lag_seconds",
+            "How late the HTTP runtime wakes a timer, smoothed",
+            runtime_lag.clone(),
+        );
         registry.register("batches", "Forward passes by N", batches.clone());
         registry.register(
             "instances",
@@ -62,6 +78,8 @@ impl Default for Metrics {
             registry,
             requests,
             queue_depth,
+            loop_busy,
+            runtime_lag,
             batches,
             instances,
             latency,

@@ -94,6 +94,7 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
             "datamux serve: {} ({}, {}) on http://{addr}",
             app.engine.card.run_id, args.policy, app.engine.card.modality
         ));
+        tokio::spawn(lag_probe(app.metrics.clone()));
         let router = http::router(app.clone(), args.body_limit);
         let listener = listener::Limited::new(listener, args.max_connections);
         axum::serve(listener, router)
@@ -104,6 +105,20 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
     app.engine.close();
     eprintln!("datamux serve: stopped");
     Ok(())
+}
+
+/// How late a 5 ms timer fires on the HTTP runtime, smoothed over about 25 ms of ticks: when
+/// its workers cannot keep up with reading requests, the timer's task waits behind them.
+async fn lag_probe(metrics: Arc<metrics::Metrics>) {
+    const PERIOD: Duration = Duration::from_millis(5);
+    let mut lag = 0.0;
+    loop {
+        let t = std::time::Instant::now();
+        tokio::time::sleep(PERIOD).await;
+        let late = t.elapsed().saturating_sub(PERIOD).as_secs_f64();
+        lag = 0.8 * lag + 0.2 * late;
+        metrics.runtime_lag.set(lag);
+    }
 }
 
 async fn shutdown() {
