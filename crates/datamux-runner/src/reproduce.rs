@@ -416,7 +416,8 @@ fn copy_finished(
 /// The published `env.txt`: the working folder's section after those of the published one
 /// (unless `replace`) whose revision some row of the published tables still carries: the rows
 /// kept from earlier runs were computed on the machines those sections name. A section already
-/// there is not repeated.
+/// there is not repeated, and the working folder's is left out when no published row carries
+/// its revision (a later command, `serve-bench` say, rewrote it over rows it did not compute).
 fn publish_env(from: &Path, dest: &Path, replace: bool, revs: &BTreeSet<String>) -> Result<()> {
     let read = |p: &Path| datamux_data::atomic::read_optional(p).map(Option::unwrap_or_default);
     let new = read(from)?;
@@ -438,7 +439,12 @@ fn publish_env(from: &Path, dest: &Path, replace: bool, revs: &BTreeSet<String>)
         .filter(|s| rev_of(s).is_some_and(|r| revs.contains(&r)))
         .filter(|s| *s != new.trim())
         .collect();
-    sections.push(new.trim());
+    if rev_of(new.trim()).is_none_or(|r| revs.contains(&r)) {
+        sections.push(new.trim());
+    }
+    if sections.is_empty() {
+        return Ok(());
+    }
     let text = format!("{}\n", sections.join("\n\n"));
     if text == old {
         return Ok(());
@@ -522,4 +528,27 @@ fn merge_resolved(
     runs.retain(|id, _| acc.contains(id) || speed.contains(id));
     doc.insert("runs".into(), toml::Value::Table(runs));
     crate::sweep::write_resolved_doc(dest, &doc, "datamux publish")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_txt_names_only_revisions_whose_rows_are_published() {
+        let d = tempfile::tempdir().unwrap();
+        let (from, dest) = (d.path().join("from.txt"), d.path().join("dest.txt"));
+        let old = "command: train\ngit_rev: aaa\n";
+        std::fs::write(&dest, old).unwrap();
+        std::fs::write(&from, "command: bench\ngit_rev: bbb\n").unwrap();
+        let revs = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        // The rows are still those of aaa: the file is left as it was.
+        publish_env(&from, &dest, false, &revs(&["aaa"])).unwrap();
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), old);
+        publish_env(&from, &dest, false, &revs(&["aaa", "bbb"])).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&dest).unwrap(),
+            "command: train\ngit_rev: aaa\n\ncommand: bench\ngit_rev: bbb\n"
+        );
+    }
 }
