@@ -18,9 +18,9 @@ use super::metrics::Metrics;
 /// every forward is full and the loop never waits: the width carries no more, and the queue is
 /// about to grow (or, past the connection cap, the clients' wait outside it). So close to 1
 /// because at the highest rate `fixed:1` sustains the estimate passes 0.97 and 0.98 at times
-/// (lines there widened at that rate in both bench rounds that had them); only a sustained overload keeps
-/// it above 0.995 (about 2.6 s of full forwards back to back), and the queue's check acts
-/// sooner on any overload the queue shows.
+/// (lines there widened at that rate in both bench rounds that had them); only a sustained
+/// overload keeps it above 0.995 (about 2.6 s of full forwards back to back), and the queue's
+/// check acts sooner on any overload the queue shows.
 pub const USED_MAX: f64 = 0.995;
 
 /// How many instances each muxed row carries.
@@ -309,12 +309,11 @@ impl RowTimes {
             .map_or(0.0, |(_, (ms, _))| *ms)
     }
 
-    /// A forward at width `n` of `rows` rows which took `ms` of the loop.
-    pub fn record(&mut self, n: usize, rows: usize, ms: f64) {
+    /// A forward at width `n` of `rows` rows which took `ms` of the loop, ending at `at`.
+    pub fn record(&mut self, n: usize, rows: usize, ms: f64, at: Instant) {
         let v = ms / rows.max(1) as f64;
-        let now = Instant::now();
-        let e = self.row_ms.entry(n).or_insert((v, now));
-        *e = (0.8 * e.0 + 0.2 * v, now);
+        let e = self.row_ms.entry(n).or_insert((v, at));
+        *e = (0.8 * e.0 + 0.2 * v, at);
     }
 }
 
@@ -357,9 +356,8 @@ impl Busy {
     }
 
     /// A forward at width `n` of `fill` (rows over `--max-rows`) that ran from `started`
-    /// until now; the time since the previous one ended, less this forward, was spent waiting.
-    fn record(&mut self, n: usize, fill: f64, started: Instant) {
-        let now = Instant::now();
+    /// until `now`; the time since the previous one ended, less this forward, was spent waiting.
+    fn record(&mut self, n: usize, fill: f64, started: Instant, now: Instant) {
         let dt = now.duration_since(self.at).as_secs_f64().max(1e-9);
         let share = (now.duration_since(started).as_secs_f64() / dt).min(1.0);
         let keep = (-dt / Self::TAU_S).exp();
@@ -444,9 +442,10 @@ fn run(
             }
         }
         // The loop's time per row: the forward and answering its requests.
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
-        times.record(n, rows, ms);
-        busy.record(n, rows as f64 / s.max_rows as f64, started);
+        let ended = Instant::now();
+        let ms = ended.duration_since(started).as_secs_f64() * 1000.0;
+        times.record(n, rows, ms, ended);
+        busy.record(n, rows as f64 / s.max_rows as f64, started, ended);
         metrics.loop_busy.set(busy.busy);
     }
 }
@@ -460,9 +459,10 @@ mod tests {
         let served = [1, 2, 5, 10];
         let a = Policy::Adaptive;
         // 1 ms a row at every width, 50 ms to drain the queue.
+        let now = Instant::now();
         let mut t = RowTimes::default();
         for n in served {
-            t.record(n, 4, 4.0);
+            t.record(n, 4, 4.0, now);
         }
         let idle = Load { used: 0.0, n: 1 };
         let w = |q| a.width(q, idle, &t, 50.0, &served);
@@ -489,13 +489,13 @@ mod tests {
         assert_eq!(Policy::Fixed(5).width(1, loaded, &t, 50.0, &served), 5);
         // A wider row that costs more is chosen later; a width not run borrows a smaller one's.
         let mut t = RowTimes::default();
-        t.record(1, 2, 4.0);
-        t.record(5, 1, 4.0);
+        t.record(1, 2, 4.0, now);
+        t.record(5, 1, 4.0, now);
         assert_eq!((t.row_ms(2), t.row_ms(5), t.row_ms(10)), (2.0, 4.0, 4.0));
         assert_eq!(a.width(60, idle, &t, 100.0, &served), 2);
         assert_eq!(Load { used: 0.5, n: 1 }.share_at(5), 0.1);
         // Widths not run for a second are forgotten, the current one kept.
-        let later = Instant::now() + RowTimes::STALE;
+        let later = now + RowTimes::STALE;
         t.expire(5, later);
         assert_eq!((t.row_ms(1), t.row_ms(5)), (4.0, 4.0));
         assert!(Policy::Fixed(3).check(&served).is_err());
@@ -512,7 +512,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(6));
             let started = Instant::now();
             std::thread::sleep(Duration::from_millis(6));
-            b.record(2, 0.5, started);
+            b.record(2, 0.5, started, Instant::now());
         }
         // Half the time in forwards, half full; sleeps only overshoot, so the shares stay near.
         assert!((0.3..0.7).contains(&b.busy), "{}", b.busy);
