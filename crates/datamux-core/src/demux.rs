@@ -34,21 +34,28 @@ pub enum DemuxKind {
     /// RSA-inspired demultiplexer, `index_pos` in its code).
     #[serde(alias = "index_pos")]
     Rsa,
+    /// Unbinding of holographic reduced representations (MIMONets, arXiv 2312.02829): slot i's
+    /// output is the circular correlation `uᵢ ⋆ h` of the shared output with a learned key `uᵢ`,
+    /// the inverse of binding by `uᵢ ⊛` for a unitary key. The keys are the demux's own, not
+    /// the mux's: a trunk sits between the two (and a pooling one changes the width). D
+    /// parameters per slot, no nonlinearity; the head follows.
+    Hrr,
 }
 
 impl DemuxKind {
-    pub const ALL: [DemuxKind; 3] = [Self::Index, Self::Mlp, Self::Rsa];
+    pub const ALL: [DemuxKind; 4] = [Self::Index, Self::Mlp, Self::Rsa, Self::Hrr];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Index => "index",
             Self::Mlp => "mlp",
             Self::Rsa => "rsa",
+            Self::Hrr => "hrr",
         }
     }
 
     /// Prefix slots prepended to every instance: `N + 1` for `index`; one shared summary slot for
-    /// `mlp`/`rsa` on sequence backbones; none on backbones without positions.
+    /// `mlp`/`rsa`/`hrr` on sequence backbones; none on backbones without positions.
     pub fn prefix_len(self, n: usize, sequence_backbone: bool) -> usize {
         match (self, sequence_backbone) {
             (Self::Index, _) => n + 1,
@@ -133,7 +140,7 @@ impl Prefix {
                 let table = prefix_table(n + 2, d, vb.pp("index_embed"))?;
                 (table, Tensor::from_vec(ids, (n, n + 1), vb.device())?)
             }
-            DemuxKind::Mlp | DemuxKind::Rsa => {
+            DemuxKind::Mlp | DemuxKind::Rsa | DemuxKind::Hrr => {
                 let table = prefix_table(1, d, vb.pp("summary"))?;
                 (
                     table,
@@ -183,6 +190,8 @@ enum Inner {
         dense2: Linear,
         norm: LayerNorm,
     },
+    /// `(N, D)` learned unbinding keys.
+    Hrr { keys: Tensor },
 }
 
 /// One demultiplexer (task or retrieval; each has its own parameters).
@@ -250,9 +259,24 @@ impl Demux {
                 dense2: layers::linear(d, d, vb.pp("dense2"))?,
                 norm: LayerNorm::new(d, eps, vb.pp("layer_norm"))?,
             },
+            DemuxKind::Hrr => Inner::Hrr {
+                // Entries of variance 1/D: keys of expected norm 1, near-unitary (a Gaussian
+                // key's correlation recovers a bound vector with cosine ~0.7 before training).
+                keys: vb.get_with_hints(
+                    (n, d),
+                    "hrr.keys",
+                    Init::Randn {
+                        mean: 0.0,
+                        stdev: 1.0 / (d as f64).sqrt(),
+                    },
+                )?,
+            },
         };
-        if cfg.residual && cfg.kind == DemuxKind::Mlp {
-            candle_core::bail!("demux residual is for index and rsa, not mlp");
+        if cfg.residual && matches!(cfg.kind, DemuxKind::Mlp | DemuxKind::Hrr) {
+            candle_core::bail!(
+                "demux residual is for index and rsa, not {}",
+                cfg.kind.name()
+            );
         }
         Ok(Self {
             kind: cfg.kind,
@@ -349,6 +373,17 @@ impl Demux {
                 let z = z.apply(dense2)?;
                 norm.forward_t(&self.plus_input(z, &hs, n)?, train)
             }
+            Inner::Hrr { keys } => {
+                // (uᵢ ⋆ h)[a] = Σ_c h[c] uᵢ[(c - a) mod D] = (hᵀ C(uᵢ))[a]: every slot at once as
+                // one matmul with [C(u₁) | … | C(u_N)], (N, D, D) -> (D, N, D) -> (D, N·D).
+                let m = crate::mux::circulant(keys)?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .reshape((d, n * d))?;
+                let z = hs.reshape((b * l, d))?.matmul(&m)?; // (B·L', N·D)
+                // (B·L', N·D) -> (B, L', N, D) -> (B, N, L', D)
+                z.reshape((b, l, n, d))?.transpose(1, 2)
+            }
         }
     }
 
@@ -410,6 +445,11 @@ impl Demux {
                     .gelu_erf()?
                     .apply(dense2)?;
                 norm.forward_t(&if self.residual { (z + &hs)? } else { z }, train)
+            }
+            Inner::Hrr { keys } => {
+                // Each pair's own key: (K, D) -> circulants (K, D, D); (K, 1, D)·(K, D, D).
+                let c = crate::mux::circulant(&keys.index_select(&pairs.slots, 0)?)?;
+                hs.unsqueeze(1)?.matmul(&c)?.squeeze(1) // (K, D)
             }
         }
     }

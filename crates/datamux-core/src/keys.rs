@@ -1,6 +1,7 @@
 //! Fixed per-instance keys of the multiplexers, generated on the host from seeded ChaCha streams.
 //!
-//! Shapes: Gaussian and binary keys are `(N, D)`, orthogonal keys `(N, D, D)`, all row-major.
+//! Shapes: Gaussian, binary and unitary keys are `(N, D)`, orthogonal keys `(N, D, D)`, all
+//! row-major.
 //! Reference: `princeton-nlp/DataMUX`, `models/utils.py` (`random_encoding`, `binary_encoding`);
 //! method.md §3.1.
 
@@ -87,6 +88,57 @@ pub fn orthogonal(n: usize, d: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
     out
 }
 
+/// One real unitary vector per instance: every coefficient of its discrete Fourier transform has
+/// magnitude 1, with a uniform random phase (conjugate-symmetric, so the vector is real; the
+/// phases of frequency 0 and, for even `D`, `D / 2` are 0 or π). Circular convolution with such
+/// a key is an orthogonal map and circular correlation with it inverts the convolution exactly,
+/// the holographic reduced representation's binding with an exact unbinding (MIMONets,
+/// arXiv 2312.02829, §3). L2 norm 1 (Parseval).
+pub fn unitary(n: usize, d: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    use rand::Rng;
+    let tau = std::f64::consts::TAU;
+    let mut out = Vec::with_capacity(n * d);
+    for _ in 0..n {
+        // Phases of frequencies 0..=D/2; the rest are their negatives.
+        let phases: Vec<f64> = (0..=d / 2)
+            .map(|f| {
+                let edge = f == 0 || 2 * f == d;
+                if edge {
+                    if rng.random::<bool>() {
+                        std::f64::consts::PI
+                    } else {
+                        0.0
+                    }
+                } else {
+                    rng.random::<f64>() * tau
+                }
+            })
+            .collect();
+        for t in 0..d {
+            // k[t] = (1/D) Σ_f e^{i(φ_f + 2π f t / D)}, the pairs (f, D - f) summed as 2 cos.
+            let v: f64 = phases
+                .iter()
+                .enumerate()
+                .map(|(f, &p)| {
+                    let c = (p + tau * (f * t) as f64 / d as f64).cos();
+                    if f == 0 || 2 * f == d { c } else { 2.0 * c }
+                })
+                .sum();
+            out.push((v / d as f64) as f32);
+        }
+    }
+    out
+}
+
+/// Flat gather indices of the circulant matrices of `(N, D)` keys: `idx[a·D + b] = (a - b) mod
+/// D`, so that `keys.index_select(idx, 1).reshape((N, D, D))` holds `C(kᵢ)[a][b] = kᵢ[(a - b) mod
+/// D]` and `C(kᵢ) x = kᵢ ⊛ x`, the circular convolution.
+pub fn circulant_index(d: usize) -> Vec<u32> {
+    (0..d)
+        .flat_map(|a| (0..d).map(move |b| ((a + d - b) % d) as u32))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +208,60 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `(k ⊛ x)[a] = Σ_b k[(a - b) mod D] x[b]`, written out.
+    fn circular_conv(k: &[f32], x: &[f32]) -> Vec<f64> {
+        let d = k.len();
+        (0..d)
+            .map(|a| {
+                (0..d)
+                    .map(|b| f64::from(k[(a + d - b) % d]) * f64::from(x[b]))
+                    .sum()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unitary_keys_bind_orthogonally_at_odd_and_even_widths() {
+        for d in [7, 10] {
+            let keys = unitary(3, d, &mut rng_for(2, "u"));
+            for k in keys.chunks(d) {
+                let len: f64 = k.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+                assert!((len - 1.0).abs() < 1e-5, "D = {d}: norm {len}");
+                // Orthogonal binding keeps every vector's norm, here each unit vector's.
+                for j in 0..d {
+                    let mut e = vec![0f32; d];
+                    e[j] = 1.0;
+                    let y = circular_conv(k, &e);
+                    let n: f64 = y.iter().map(|v| v * v).sum::<f64>().sqrt();
+                    assert!((n - 1.0).abs() < 1e-5);
+                }
+                // The autocorrelation of a unitary key is the unit impulse: unbinding is exact.
+                for s in 0..d {
+                    let r: f64 = (0..d)
+                        .map(|b| f64::from(k[b]) * f64::from(k[(b + s) % d]))
+                        .sum();
+                    let want = if s == 0 { 1.0 } else { 0.0 };
+                    assert!((r - want).abs() < 1e-5, "D = {d}, shift {s}: {r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn circulant_index_is_circular_convolution() {
+        let d = 5;
+        let k: Vec<f32> = (0..d).map(|i| i as f32 + 1.0).collect();
+        let x = [0.5f32, -1.0, 2.0, 0.0, 3.0];
+        let idx = circulant_index(d);
+        let got: Vec<f64> = (0..d)
+            .map(|a| {
+                (0..d)
+                    .map(|b| f64::from(k[idx[a * d + b] as usize]) * f64::from(x[b]))
+                    .sum()
+            })
+            .collect();
+        assert_eq!(got, circular_conv(&k, &x));
     }
 }

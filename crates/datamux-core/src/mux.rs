@@ -35,15 +35,22 @@ pub enum MuxKind {
     /// instance's own tokens, the Gaussian key `vᵢ ⊙`, a Transformer layer across the N
     /// instances at each position, then the mean over N. Learned; not position-wise.
     Contextual,
+    /// Holographic reduced representations (MIMONets, arXiv 2312.02829): at every position the
+    /// circular convolution `kᵢ ⊛ x` of the instance's feature vector with its key, `kᵢ` unitary
+    /// (every Fourier coefficient of magnitude 1, so binding is an orthogonal map that circular
+    /// correlation inverts exactly); sum over N divided by √N, as `random_ortho`. On a feature
+    /// map it binds per pixel over the channels, on a sequence per position over the width.
+    Hrr,
 }
 
 impl MuxKind {
-    pub const ALL: [MuxKind; 5] = [
+    pub const ALL: [MuxKind; 6] = [
         Self::Identity,
         Self::GaussianHadamard,
         Self::BinaryHadamard,
         Self::RandomOrtho,
         Self::Contextual,
+        Self::Hrr,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +60,7 @@ impl MuxKind {
             Self::BinaryHadamard => "binary_hadamard",
             Self::RandomOrtho => "random_ortho",
             Self::Contextual => "contextual",
+            Self::Hrr => "hrr",
         }
     }
 }
@@ -172,6 +180,7 @@ pub fn fixed_keys(
             Tensor::from_vec(k, (n, d), dev)?
         }
         MuxKind::RandomOrtho => Tensor::from_vec(keys::orthogonal(n, d, &mut rng), (n, d, d), dev)?,
+        MuxKind::Hrr => Tensor::from_vec(keys::unitary(n, d, &mut rng), (n, d), dev)?,
     };
     Ok(Some(keys))
 }
@@ -182,12 +191,13 @@ pub struct Multiplexer {
     kind: MuxKind,
     n: usize,
     d: usize,
-    /// `(N, D)` for the Hadamard variants, `(N, D, D)` for `random_ortho`; `None` for identity.
+    /// `(N, D)` for the Hadamard variants and `hrr`, `(N, D, D)` for `random_ortho`; `None` for
+    /// identity.
     keys: Option<Tensor>,
     /// The learned offset of the keys when `learn = true`.
     delta: Option<Tensor>,
-    /// Fixed orthogonal keys pre-arranged as `[W₁ᵀ; …; W_Nᵀ]`, `(N·D, D)`, so inference does not
-    /// transpose `N·D²` values on every call.
+    /// Fixed orthogonal (or circulant) maps pre-arranged as `[W₁ᵀ; …; W_Nᵀ]`, `(N·D, D)`, so
+    /// inference does not rebuild `N·D²` values on every call.
     stacked: Option<Tensor>,
     /// The contextual multiplexer's layers: within each instance, then across instances.
     context: Option<Box<[Layer; 2]>>,
@@ -220,6 +230,7 @@ impl Multiplexer {
         };
         let stacked = match (&keys, &delta, cfg.kind) {
             (Some(w), None, MuxKind::RandomOrtho) => Some(stack_transposed(w)?),
+            (Some(k), None, MuxKind::Hrr) => Some(stack_transposed(&circulant(k)?)?),
             _ => None,
         };
         let context = match cfg.kind {
@@ -279,7 +290,7 @@ impl Multiplexer {
     pub fn slot_scales(&self) -> Result<Option<Tensor>> {
         let inv_n = 1.0 / self.n as f64;
         match (self.kind, self.effective_keys()?) {
-            (MuxKind::RandomOrtho | MuxKind::Contextual, _) => Ok(None),
+            (MuxKind::RandomOrtho | MuxKind::Contextual | MuxKind::Hrr, _) => Ok(None),
             (_, Some(k)) => Ok(Some((k * inv_n)?)),
             (_, None) => Ok(Some(
                 (Tensor::ones((self.n, self.d), candle_core::DType::F32, &self.dev)? * inv_n)?,
@@ -314,12 +325,14 @@ impl Multiplexer {
                 // keys (N, D) -> (1, N, 1, D), broadcast over rows and positions.
                 slot_mean(&xs.broadcast_mul(&k.reshape((1, n, 1, d))?)?)
             }
-            (MuxKind::RandomOrtho, Some(w)) => {
-                // Σᵢ Wᵢ xᵢ as one matmul: [x₁ … x_N] (B·L, N·D) times [W₁ᵀ; …; W_Nᵀ] (N·D, D).
+            (MuxKind::RandomOrtho | MuxKind::Hrr, Some(w)) => {
+                // Σᵢ Wᵢ xᵢ as one matmul: [x₁ … x_N] (B·L, N·D) times [W₁ᵀ; …; W_Nᵀ] (N·D, D);
+                // for `hrr` Wᵢ is the circulant matrix of key i, Wᵢ x = kᵢ ⊛ x.
                 let xs = xs.transpose(1, 2)?.contiguous()?.reshape((b * l, n * d))?; // (B·L, N·D)
-                let stacked = match &self.stacked {
-                    Some(s) => s.clone(),
-                    None => stack_transposed(&w)?,
+                let stacked = match (&self.stacked, self.kind) {
+                    (Some(s), _) => s.clone(),
+                    (None, MuxKind::Hrr) => stack_transposed(&circulant(&w)?)?,
+                    (None, _) => stack_transposed(&w)?,
                 };
                 // Sum / √N rather than the mean: each Wᵢxᵢ keeps the norm of xᵢ, and for
                 // independent instances the sum grows like √N (reference behaviour, method.md §3.1).
@@ -386,6 +399,15 @@ pub fn slot_mean(xs: &Tensor) -> Result<Tensor> {
     let w = (Tensor::ones((b, 1, n), xs.dtype(), xs.device())? / n as f64)?; // (B, 1, N)
     let flat = xs.contiguous()?.reshape((b, n, l * d))?; // (B, N, L·D)
     w.matmul(&flat)?.reshape((b, l, d)) // (B, 1, L·D) -> (B, L, D)
+}
+
+/// Keys `(N, D)` -> their circulant matrices `(N, D, D)`, `C(kᵢ)[a][b] = kᵢ[(a - b) mod D]`, so
+/// `C(kᵢ) x = kᵢ ⊛ x`. A gather, so the keys get gradients (learned `hrr` keys, the `hrr`
+/// demux).
+pub fn circulant(keys: &Tensor) -> Result<Tensor> {
+    let (n, d) = keys.dims2()?;
+    let idx = Tensor::from_vec(keys::circulant_index(d), d * d, keys.device())?;
+    keys.index_select(&idx, 1)?.reshape((n, d, d)) // (N, D·D) -> (N, D, D)
 }
 
 /// `(N, D, D) -> (N·D, D)`: row block `i` is `Wᵢᵀ`.

@@ -24,6 +24,7 @@ fn every_trainable_variable_receives_a_gradient() -> Result<()> {
         MuxKind::GaussianHadamard,
         MuxKind::BinaryHadamard,
         MuxKind::RandomOrtho,
+        MuxKind::Hrr,
     ] {
         for demux in DemuxKind::ALL {
             let map = SeededVarMap::new(0);

@@ -36,7 +36,7 @@ pub struct Shape {
 pub fn mux_demux_params(n: u64, d: u64, mux: MuxKind, demux: DemuxKind) -> u64 {
     let keys = match mux {
         MuxKind::Identity => 0,
-        MuxKind::GaussianHadamard | MuxKind::BinaryHadamard => n * d,
+        MuxKind::GaussianHadamard | MuxKind::BinaryHadamard | MuxKind::Hrr => n * d,
         MuxKind::RandomOrtho => n * d * d,
         // Two Transformer layers (4 d^2 + 8 d^2 each, an FFN of 4 d) and the keys.
         MuxKind::Contextual => 24 * d * d + n * d,
@@ -47,6 +47,8 @@ pub fn mux_demux_params(n: u64, d: u64, mux: MuxKind, demux: DemuxKind) -> u64 {
         // One d -> d -> d MLP per slot.
         DemuxKind::Mlp => n * 2 * d * d,
         DemuxKind::Rsa => n * d + 4 * d * d,
+        // N unbinding keys.
+        DemuxKind::Hrr => n * d,
     };
     keys + slots
 }
