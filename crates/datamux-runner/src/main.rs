@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use datamux_data::Catalogue;
-use datamux_pipeline::{Env, SpeedConfig, Tick};
+use datamux_pipeline::{Env, Tick};
 use datamux_runner::job::Job;
 use datamux_runner::sweep::{self, Message, Outcome, Plan};
 use datamux_runner::{config, out, report, reproduce, serve};
@@ -186,9 +186,13 @@ enum Cmd {
         /// N (default: rows x the largest N).
         #[arg(long)]
         batch_instances: Option<usize>,
-        /// Muxed rows per forward call of the MNIST ViT (its rows are 16 patches long).
+        /// Muxed rows per forward call of the MNIST models (the ViT's rows are 16 patches long).
         #[arg(long, default_value_t = 64)]
         vit_rows: usize,
+        /// The MNIST models to time: vit, mlp, lenet, resnet-hrr (experiments/mnist.toml's
+        /// settings).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "vit")]
+        images: Vec<datamux_runner::bench::ImageModel>,
         /// Instances in the timed training step (one call), the same at every N.
         #[arg(long, default_value_t = 40)]
         train_instances: usize,
@@ -196,7 +200,7 @@ enum Cmd {
         iters: usize,
         #[arg(long, default_value_t = 30522)]
         vocab: usize,
-        /// Skip the MNIST ViT.
+        /// Skip the MNIST models (`--images` none).
         #[arg(long)]
         no_vit: bool,
         #[arg(long, default_value = "results")]
@@ -412,6 +416,7 @@ fn real_main() -> Result<u8> {
             rows,
             batch_instances,
             vit_rows,
+            images,
             train_instances,
             iters,
             vocab,
@@ -424,25 +429,8 @@ fn real_main() -> Result<u8> {
                 rows >= 1 && vit_rows >= 1 && train_instances >= 1,
                 "--rows, --vit-rows and --train-instances must be at least 1"
             );
-            let max_n = n.iter().copied().max().unwrap_or(1);
-            let timing = |rows: usize, instances: Option<usize>| -> Result<SpeedConfig> {
-                let instances = instances.unwrap_or(rows * max_n);
-                // Every N must run whole calls of `rows` rows, or N's calls would differ in shape.
-                if let Some(bad) = n.iter().find(|&&k| instances % (rows * k) != 0) {
-                    anyhow::bail!(
-                        "{instances} instances per pass do not split into calls of {rows} rows at \
-                         N = {bad}: use a multiple of {rows} x every N (e.g. {})",
-                        rows * max_n
-                    );
-                }
-                Ok(SpeedConfig {
-                    batch_instances: instances,
-                    rows_per_call: Some(rows),
-                    warmup_iters: 1,
-                    iters,
-                    max_seconds: 300.0,
-                    enabled: true,
-                })
+            let timing = |rows: usize, instances: Option<usize>| {
+                datamux_runner::bench::pass_timing(&n, rows, instances, iters)
             };
             let cfg = datamux_runner::bench::BenchConfig {
                 sizes,
@@ -452,7 +440,7 @@ fn real_main() -> Result<u8> {
                 vit_timing: timing(vit_rows, None)?,
                 train_instances,
                 ns: n,
-                vit: !no_vit,
+                images: if no_vit { Vec::new() } else { images },
                 train_step: true,
                 out: out.clone(),
                 command: command_line(),

@@ -13,7 +13,14 @@
 //! 86.6 %, mean 85.3 %); without the output ReLU, 65.5 % with one slot at chance. Difference:
 //! cross-entropy instead of MSE on ±1 targets.
 //!
-//! The N stems are one grouped convolution (`groups = N`) over the `(B, N·C, H, W)` stack, so no
+//! With `stem = "shared"` the frontend is instead one 3x3 convolution shared by every slot, with no
+//! activation, `(B, N, C, H, W) -> (B, N, H·W, K)`, and the multiplexer's keys tell the instances
+//! apart (MIMONets' MIMOConv binds after the first convolution, arXiv 2312.02829): `hrr` binds per
+//! pixel over the K channels. Its per-instance cost is 9·C·K multiply-adds a pixel, where the
+//! per-slot stems' is 9·(C·S + S·K) (S = `stem_hidden`): what an instance costs before the trunk
+//! is what multiplexing cannot share.
+//!
+//! The N per-slot stems are one grouped convolution (`groups = N`) over the `(B, N·C, H, W)` stack, so no
 //! loop over slots runs in the model code. Every convolution is [`crate::conv::Conv2d`]: im2col
 //! as a custom op with its adjoint as backward, then matmuls (candle's own convolution trains
 //! slowly on the CPU; an earlier im2col built from primitives was slower still, its backward
@@ -45,6 +52,27 @@ pub struct Config {
     /// before the field existed keep their settings hash (and are not recomputed).
     #[serde(skip_serializing_if = "StemActivation::is_relu")]
     pub stem_activation: StemActivation,
+    /// Per-slot stems (the notebook's) or one shared convolution. Left out of the serialised
+    /// settings when `per_slot`, so earlier runs keep their settings hash.
+    #[serde(skip_serializing_if = "StemKind::is_per_slot")]
+    pub stem: StemKind,
+}
+
+/// What turns each image into the `K`-channel map that is multiplexed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StemKind {
+    /// Two 3x3 convolutions with weights of their own per slot (`stem_activation` after each).
+    #[default]
+    PerSlot,
+    /// One 3x3 convolution `C -> K` shared by every slot, no activation; the mux's keys bind.
+    Shared,
+}
+
+impl StemKind {
+    pub fn is_per_slot(&self) -> bool {
+        *self == Self::PerSlot
+    }
 }
 
 /// Nonlinearity of the per-slot stems.
@@ -75,15 +103,17 @@ impl Default for Config {
             dropout: 0.0,
             // What every run before the field had; experiments choose `tanh` (experiments/mnist.toml).
             stem_activation: StemActivation::Relu,
+            stem: StemKind::PerSlot,
         }
     }
 }
 
-/// Per-slot stems as grouped convolutions.
+/// Per-slot stems as grouped convolutions, or one shared convolution.
 #[derive(Clone, Debug)]
 pub struct ConvStem {
     conv1: Conv2d,
-    conv2: Conv2d,
+    /// The per-slot stems' second convolution; `None` for the shared stem.
+    conv2: Option<Conv2d>,
     n: usize,
     k: usize,
     act: StemActivation,
@@ -91,6 +121,20 @@ pub struct ConvStem {
 
 impl ConvStem {
     pub fn new(cfg: &Config, n: usize, channels: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let k = cfg.stem_channels;
+        if cfg.stem == StemKind::Shared {
+            let same = Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            return Ok(Self {
+                conv1: Conv2d::new(channels, k, 3, same, vb.pp("stem"))?,
+                conv2: None,
+                n,
+                k,
+                act: cfg.stem_activation,
+            });
+        }
         let grouped = Conv2dConfig {
             padding: 1,
             groups: n,
@@ -104,15 +148,15 @@ impl ConvStem {
                 grouped,
                 vb.pp("stem1"),
             )?,
-            conv2: Conv2d::new(
+            conv2: Some(Conv2d::new(
                 n * cfg.stem_hidden,
-                n * cfg.stem_channels,
+                n * k,
                 3,
                 grouped,
                 vb.pp("stem2"),
-            )?,
+            )?),
             n,
-            k: cfg.stem_channels,
+            k,
             act: cfg.stem_activation,
         })
     }
@@ -127,11 +171,20 @@ impl ConvStem {
         if n != self.n {
             candle_core::bail!("stem built for N = {}, got {:?}", self.n, pixels.shape());
         }
+        let Some(conv2) = &self.conv2 else {
+            // (B, N, C, H, W) -> (B·N, C, H, W) -> (B·N, K, H, W), one set of weights.
+            let xs = pixels.reshape((b * n, c, h, w))?.apply(&self.conv1)?;
+            // (B·N, K, H, W) -> (B, N, K, H·W) -> (B, N, H·W, K)
+            return xs
+                .reshape((b, n, self.k, h * w))?
+                .transpose(2, 3)?
+                .contiguous();
+        };
         let xs = pixels.reshape((b, n * c, h, w))?; // slot i owns channels i·C..(i+1)·C
         let xs = match self.act {
-            StemActivation::Relu => xs.apply(&self.conv1)?.relu()?.apply(&self.conv2)?.relu()?,
-            StemActivation::ReluLinear => xs.apply(&self.conv1)?.relu()?.apply(&self.conv2)?,
-            StemActivation::Tanh => xs.apply(&self.conv1)?.tanh()?.apply(&self.conv2)?.tanh()?,
+            StemActivation::Relu => xs.apply(&self.conv1)?.relu()?.apply(conv2)?.relu()?,
+            StemActivation::ReluLinear => xs.apply(&self.conv1)?.relu()?.apply(conv2)?,
+            StemActivation::Tanh => xs.apply(&self.conv1)?.tanh()?.apply(conv2)?.tanh()?,
         }; // (B, N·K, H, W)
         // (B, N·K, H, W) -> (B, N, K, H·W) -> (B, N, H·W, K)
         xs.reshape((b, n, self.k, h * w))?
@@ -280,5 +333,43 @@ impl Cnn {
             .apply(&self.out)?
             .relu()?;
         ys.unsqueeze(1) // (B, 1, D)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+    use datamux_core::SeededVarMap;
+
+    use super::*;
+
+    /// The shared stem: one set of weights whatever N, `(B, N, C, H, W) -> (B, N, H·W, K)`, and
+    /// an image gives the same map in every slot.
+    #[test]
+    fn a_shared_stem_maps_every_slot_with_the_same_weights() -> Result<()> {
+        let cfg = Config {
+            stem: StemKind::Shared,
+            stem_channels: 5,
+            ..Config::default()
+        };
+        let (b, n, c, side) = (2, 3, 1, 7);
+        let map = SeededVarMap::new(0);
+        let stem = ConvStem::new(&cfg, n, c, map.var_builder(DType::F32, &Device::Cpu))?;
+        // 9·C·K weights and K biases: nothing per slot.
+        let params: usize = map
+            .sorted_vars()?
+            .iter()
+            .map(|(_, v)| v.as_tensor().elem_count())
+            .sum();
+        assert_eq!(params, 9 * c * 5 + 5);
+        let img = Tensor::randn(0f32, 1.0, (1, 1, c, side, side), &Device::Cpu)?;
+        let xs = img.repeat((b, n, 1, 1, 1))?;
+        let ys = stem.forward(&xs)?;
+        assert_eq!(ys.dims(), [b, n, side * side, 5]);
+        let first = ys.narrow(1, 0, 1)?;
+        let last = ys.narrow(1, n - 1, 1)?;
+        let diff = (first - last)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        Ok(())
     }
 }

@@ -17,11 +17,14 @@ use datamux_core::optim::AdamW;
 use datamux_core::{Backbone, DemuxKind, MuxKind, SeededVarMap, Task};
 use datamux_text::Size;
 use datamux_text::task::{HeadKind, SentenceData, TextData, TextTask};
-use datamux_vision::{Arch, ImageData, ImageSpec, ImageTask};
+
 use rand::Rng;
 
 use datamux_pipeline::SpeedConfig;
 use datamux_pipeline::speed::{self, Timing, batch_slots};
+
+mod images;
+pub use images::ImageModel;
 
 use crate::provenance::Provenance;
 use crate::report::ideal_speedup;
@@ -35,11 +38,12 @@ pub struct BenchConfig {
     pub vocab: usize,
     /// Text: instances per pass and muxed rows per forward call.
     pub timing: SpeedConfig,
-    /// The MNIST ViT's pass: more rows per call, as its rows are 16 patches long.
+    /// The image models' pass: more rows per call, as their rows are short.
     pub vit_timing: SpeedConfig,
     /// Instances in the timed training step (one call).
     pub train_instances: usize,
-    pub vit: bool,
+    /// The MNIST models to time beside the text ones.
+    pub images: Vec<ImageModel>,
     pub train_step: bool,
     pub out: PathBuf,
     /// The command line, for `env.txt`.
@@ -60,10 +64,10 @@ fn identity(backbone: &str, size: &str, n: usize, demux: &str) -> Identity {
         experiment: "bench".into(),
         profile: "bench".into(),
         run_id: format!("bench-{backbone}-{size}-n{n}"),
-        modality: if backbone == "vit" {
-            "vision".into()
-        } else {
+        modality: if backbone == "transformer" {
             "text".into()
+        } else {
+            "vision".into()
         },
         dataset: "synthetic".into(),
         data_source: "random ids / pixels".into(),
@@ -119,8 +123,9 @@ struct Point {
     label: String,
     n: usize,
     seq_len: usize,
-    /// Both models use the index demultiplexer on a sequence backbone.
     demux: DemuxKind,
+    /// Whether the backbone keeps positions (and so takes a demux prefix).
+    sequence: bool,
     throughput: f64,
     stages: Stages,
     /// Encoder floating-point operations of one pass (all its calls).
@@ -319,60 +324,12 @@ fn text_point(size: Size, n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>)
         label: format!("text {}", size_name(size)),
         n,
         seq_len: cfg.seq_len,
+        sequence: true,
         demux: DemuxKind::Index,
         throughput: full.throughput(),
         stages,
         encoder_flops,
         train_ms,
-    })
-}
-
-fn vit_point(n: usize, cfg: &BenchConfig, rows: &mut Vec<SpeedRow>) -> Result<Point> {
-    let spec = ImageSpec::mnist();
-    let vision = datamux_vision::Config::default();
-    let mut mux = model::Config::new(n, MuxKind::GaussianHadamard, DemuxKind::Index);
-    mux.mux.norm = 8.0;
-    let map = SeededVarMap::new(0);
-    let task = ImageTask::new(Arch::Vit, &vision, &mux, &spec, 10, &map, &Device::Cpu)?;
-    // Random pixels stand in for images: speed does not depend on them.
-    let t = &cfg.vit_timing;
-    let count = t.batch_instances.max(n);
-    let px: Vec<u8> = randn_vec(&mut rng_for(0, "bench.pixels"), count * spec.pixels())
-        .into_iter()
-        .map(|v| (v.abs() * 64.0).min(255.0) as u8)
-        .collect();
-    let data = ImageData {
-        pixels: px,
-        labels: vec![0; count],
-        spec: spec.clone(),
-    };
-    let (batches, instances) = speed::pass_batches(&task, &data, t)?;
-    let full = speed::time_batches(&task, &batches, instances, t, |_, _| {})?;
-    let seq = (spec.size / vision.vit.patch_size).pow(2);
-    let size = format!(
-        "{}x{}p{}",
-        vision.vit.encoder.num_hidden_layers, vision.vit.encoder.hidden_size, vision.vit.patch_size
-    );
-    let id = identity("vit", &size, n, "index");
-    rows.push(row(&id, "inference", seq, &full));
-    let inputs: Vec<_> = batches.iter().map(|b| &b.input).collect();
-    let (stages, encoder_flops) = time_stages(
-        &task.net,
-        &inputs,
-        |z| task.head.forward(z),
-        t,
-        full.instances,
-        |name, timing| rows.push(row(&id, &format!("stage:{name}"), seq, timing)),
-    )?;
-    Ok(Point {
-        label: "mnist vit".into(),
-        n,
-        seq_len: seq,
-        demux: DemuxKind::Index,
-        throughput: full.throughput(),
-        stages,
-        encoder_flops,
-        train_ms: None,
     })
 }
 
@@ -395,6 +352,34 @@ pub fn matmul_rate() -> Result<f64> {
     Ok(2.0 * (m * k * n) as f64 / speed::median(&secs) / 1e9)
 }
 
+/// The timing of one pass: `instances` (default: `rows` x the largest N) in calls of `rows` muxed
+/// rows, the same at every N of `ns`; `iters` timed passes after one warm-up.
+pub fn pass_timing(
+    ns: &[usize],
+    rows: usize,
+    instances: Option<usize>,
+    iters: usize,
+) -> Result<SpeedConfig> {
+    let max_n = ns.iter().copied().max().unwrap_or(1);
+    let instances = instances.unwrap_or(rows * max_n);
+    // Every N must run whole calls of `rows` rows, or N's calls would differ in shape.
+    if let Some(bad) = ns.iter().find(|&&k| instances % (rows * k) != 0) {
+        anyhow::bail!(
+            "{instances} instances per pass do not split into calls of {rows} rows at N = {bad}: \
+             use a multiple of {rows} x every N (e.g. {})",
+            rows * max_n
+        );
+    }
+    Ok(SpeedConfig {
+        batch_instances: instances,
+        rows_per_call: Some(rows),
+        warmup_iters: 1,
+        iters,
+        max_seconds: 300.0,
+        enabled: true,
+    })
+}
+
 /// Run the bench, print the table and write `<out>/bench/speed.parquet`.
 pub fn run(cfg: &BenchConfig) -> Result<Vec<SpeedRow>> {
     let mut rows = Vec::new();
@@ -405,10 +390,10 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SpeedRow>> {
             points.push(text_point(size, n, cfg, &mut rows)?);
         }
     }
-    if cfg.vit {
+    for &image in &cfg.images {
         for &n in &cfg.ns {
-            eprintln!("timing the MNIST ViT at N = {n} ...");
-            points.push(vit_point(n, cfg, &mut rows)?);
+            eprintln!("timing the MNIST {} at N = {n} ...", image.name());
+            points.push(images::image_point(image, n, cfg, &mut rows)?);
         }
     }
     let matmul = matmul_rate()?;
@@ -430,7 +415,7 @@ fn table(points: &[Point], cfg: &BenchConfig, matmul_gflops: f64) -> String {
             .map_or("one call".into(), |r| format!("calls of {r} muxed rows"))
     };
     let mut s = format!(
-        "inference, {threads} thread(s); text: {} instances per pass in {}; ViT: {} in {}; \
+        "inference, {threads} thread(s); text: {} instances per pass in {}; images: {} in {}; \
          stages are medians in ms per pass (frontend = embedding + mux as the model runs them, \
          embed / mux = the two-step path); train step: {} instances; encoder GFLOP/s and its \
          share of this machine's f32 matmul, {matmul_gflops:.1} GFLOP/s ((4096 x 1024) · \
@@ -461,7 +446,7 @@ fn table(points: &[Point], cfg: &BenchConfig, matmul_gflops: f64) -> String {
     for p in points {
         let base = points.iter().find(|b| b.label == p.label && b.n == 1);
         let speedup = base.map(|b| p.throughput / b.throughput);
-        let ideal = ideal_speedup(p.n, p.seq_len, p.demux, true);
+        let ideal = ideal_speedup(p.n, p.seq_len, p.demux, p.sequence);
         let ms = |name: &str| p.stages.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
         let stage = |name: &str| ms(name).map_or("–".into(), |v| format!("{v:.2}"));
         // flops per pass over the encoder stage's median ms per pass
@@ -523,13 +508,13 @@ mod tests {
             },
             timing,
             train_instances: 2,
-            vit: true,
+            images: vec![ImageModel::Vit, ImageModel::Lenet, ImageModel::ResnetHrr],
             train_step: true,
             out: dir.path().to_path_buf(),
             command: "test".into(),
         };
         let rows = run(&cfg)?;
-        for model in ["transformer", "vit"] {
+        for model in ["transformer", "vit", "lenet", "resnet"] {
             for n in [1, 2] {
                 let modes: Vec<&str> = rows
                     .iter()
