@@ -247,6 +247,63 @@ pub trait Task {
     fn selection_metric(&self) -> &'static str {
         "accuracy"
     }
+    /// [`Self::loss`] with soft targets: `(1 − w)·task + w·distillation`, the distillation term
+    /// [`real_distillation`] against `teacher` logits laid out as [`Self::predict`]'s (one row per
+    /// slot). A task without it says so.
+    fn loss_distilled(
+        &self,
+        _batch: &Self::Batch,
+        _teacher: &Tensor,
+        _soft: Soft,
+        _train: bool,
+    ) -> Result<Losses> {
+        candle_core::bail!("this task has no distillation (train.distill)")
+    }
+}
+
+/// Weight and temperature of the distillation term.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Soft {
+    pub weight: f64,
+    pub temperature: f64,
+}
+
+/// `(1 − w)·task + w·T²·KL(softmax(teacher / T) ‖ softmax(student / T))` over the real rows of
+/// `(B·N, C)` logits (Hinton et al. 2015: the `T²` keeps the soft term's gradients on the scale
+/// of the hard one's as `T` grows). The teacher's logits are constants.
+pub fn distilled(
+    task_loss: &Tensor,
+    student: &Tensor,
+    teacher: &Tensor,
+    real: &[bool],
+    soft: Soft,
+) -> Result<Tensor> {
+    let kl = real_distillation(student, teacher, real, soft.temperature)?;
+    (task_loss * (1.0 - soft.weight))? + (kl * soft.weight)?
+}
+
+/// `T²` times the mean over the real rows of `KL(softmax(teacher / T) ‖ softmax(student / T))`,
+/// both `(B·N, C)`; gradients reach the student only.
+pub fn real_distillation(
+    student: &Tensor,
+    teacher: &Tensor,
+    real: &[bool],
+    temperature: f64,
+) -> Result<Tensor> {
+    if student.dims() != teacher.dims() {
+        candle_core::bail!(
+            "distillation: student logits {:?}, teacher logits {:?}",
+            student.dims(),
+            teacher.dims()
+        );
+    }
+    let (keep, idx) = real_rows(real, student.device())?;
+    let t = temperature;
+    let log_q = candle_nn::ops::log_softmax(&(student.index_select(&idx, 0)? / t)?, 1)?; // (R, C)
+    let log_p = candle_nn::ops::log_softmax(&(teacher.detach().index_select(&idx, 0)? / t)?, 1)?;
+    let p = log_p.exp()?;
+    let kl = (p * (log_p - log_q)?)?.sum_all()?; // Σ over rows and classes
+    kl * (t * t / keep.len().max(1) as f64)
 }
 
 /// Mean cross-entropy over the real rows of `(B·N, C)` logits; dummy rows are removed before
@@ -326,6 +383,33 @@ mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
+
+    #[test]
+    fn distillation_is_zero_at_the_teacher_and_trains_the_student_only() -> Result<()> {
+        let dev = Device::Cpu;
+        let teacher = Tensor::new(
+            &[[2.0f32, -1.0, 0.5], [0.0, 1.0, 3.0], [9.0, 9.0, 9.0]],
+            &dev,
+        )?;
+        let real = [true, true, false]; // the dummy row would dominate if it counted
+        let same = real_distillation(&teacher, &teacher, &real, 3.0)?.to_scalar::<f32>()?;
+        assert!(same.abs() < 1e-6, "{same}");
+        let var = Var::from_tensor(&Tensor::zeros((3, 3), candle_core::DType::F32, &dev)?)?;
+        let kl = real_distillation(var.as_tensor(), &teacher, &real, 2.0)?;
+        assert!(kl.to_scalar::<f32>()? > 0.0);
+        let grads = kl.backward()?;
+        let g = grads
+            .get(var.as_tensor())
+            .expect("student gradient")
+            .to_vec2::<f32>()?;
+        assert!(g[0].iter().any(|v| v.abs() > 1e-4));
+        assert!(
+            g[2].iter().all(|v| *v == 0.0),
+            "a dummy row got a gradient: {:?}",
+            g[2]
+        );
+        Ok(())
+    }
 
     fn pair(slot: usize, predicted: &[f32], target: &[f32]) -> EmbeddingPair {
         EmbeddingPair {

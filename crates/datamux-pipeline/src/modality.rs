@@ -185,6 +185,11 @@ pub trait Modality: Sync {
         Vec::new()
     }
 
+    /// Whether its tasks take soft targets from an N = 1 teacher (`train.distill`).
+    fn distills(&self) -> bool {
+        false
+    }
+
     /// Train `run` (its stages, selecting on validation), save the selected checkpoint, and
     /// score it on every example of the validation and test splits.
     fn train(&self, run: &RunConfig, splits: &Splits, ctx: &mut Context<'_>)

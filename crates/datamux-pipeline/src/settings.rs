@@ -68,6 +68,41 @@ pub struct TrainConfig {
     pub task_weight: f64,
     #[serde(deserialize_with = "datamux_core::range::non_negative")]
     pub retrieval_weight: f64,
+    /// Soft targets from the sweep's finished N = 1 run of the same settings, at N > 1. Off,
+    /// the default, is left out of the settings, so earlier runs keep their hashes.
+    #[serde(skip_serializing_if = "DistillConfig::is_off")]
+    pub distill: DistillConfig,
+}
+
+/// `train.distill = { weight = 0.5, temperature = 2.0 }`: the loss is `(1 − weight)·task +
+/// weight·T²·KL(teacher ‖ student)` at temperature `T` (`datamux_core::task::distilled`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillConfig {
+    /// In [0, 1]; 0 is no distillation.
+    #[serde(deserialize_with = "datamux_core::range::probability")]
+    pub weight: f64,
+    #[serde(deserialize_with = "datamux_core::range::positive")]
+    pub temperature: f64,
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        Self {
+            weight: 0.0,      // off
+            temperature: 2.0, // a common choice for 10 classes (Hinton et al. 2015 use 1-20)
+        }
+    }
+}
+
+impl DistillConfig {
+    pub fn is_off(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.weight > 0.0
+    }
 }
 
 impl Default for TrainConfig {
@@ -83,6 +118,7 @@ impl Default for TrainConfig {
             eval_rows: 64,
             task_weight: 0.9,      // the DataMUX fine-tuning weights
             retrieval_weight: 0.1, // (method.md §5)
+            distill: DistillConfig::default(),
         }
     }
 }
@@ -323,6 +359,10 @@ pub struct RunConfig {
     /// new run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_source: Option<Box<RunConfig>>,
+    /// The resolved N = 1 run whose checkpoint teaches this one (`train.distill`; set by the
+    /// runner). Part of the hash, as `warmup_source`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<Box<RunConfig>>,
 }
 
 impl RunConfig {
@@ -408,6 +448,7 @@ mod tests {
             warmup: WarmupConfig::default(),
             speed: SpeedConfig::default(),
             warmup_source: None,
+            teacher: None,
         }
     }
 

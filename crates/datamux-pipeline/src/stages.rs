@@ -14,7 +14,7 @@ use crate::eval::evaluate_at;
 use crate::modality::{Context, Record, SpeedPoint, Stage};
 use crate::settings::RunConfig;
 use crate::speed;
-use crate::train::{self, Outcome, Schedule};
+use crate::train::{self, Outcome, Schedule, Teacher};
 
 /// The task stage's schedule, from `[train]`, selecting on `metric`.
 pub fn schedule(run: &RunConfig, metric: &'static str) -> Schedule {
@@ -149,17 +149,32 @@ pub fn train_task<T: Task>(
     extra: &[(&str, String)],
     ctx: &mut Context<'_>,
 ) -> Result<Vec<Record>> {
+    train_task_with(task, None, map, buffers, run, data, extra, ctx)
+}
+
+/// [`train_task`], distilling from `teacher` where there is one (`train.distill`).
+#[allow(clippy::too_many_arguments)]
+pub fn train_task_with<T: Task>(
+    task: &T,
+    teacher: Option<&Teacher<'_, T>>,
+    map: &SeededVarMap,
+    buffers: &HashMap<String, Tensor>,
+    run: &RunConfig,
+    data: Data<'_, T::Data>,
+    extra: &[(&str, String)],
+    ctx: &mut Context<'_>,
+) -> Result<Vec<Record>> {
     let order = eval_order(run, task.len(data.valid));
     let sched = schedule(run, task.selection_metric());
-    let out = fit(
+    let out = train::train_with(
         task,
+        teacher,
         map,
         data.train,
         data.valid,
         order.as_deref(),
         &sched,
-        Stage::Train,
-        ctx,
+        |p| ctx.tick(Stage::Train, p.pos, p.len, p.msg),
     )?;
     checkpoint::save(&checkpoint::run_dir(ctx.env, run), map, buffers, run, extra)?;
     final_records(

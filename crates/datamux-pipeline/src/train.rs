@@ -11,6 +11,7 @@ use candle_nn::{Optimizer, ParamsAdamW};
 use datamux_core::group::{BucketedStream, TrainStream};
 use datamux_core::init::rng_for;
 use datamux_core::optim::AdamW;
+use datamux_core::task::Soft;
 use datamux_core::{SeededVarMap, Task};
 use rand::Rng;
 
@@ -103,9 +104,31 @@ fn restore(vars: &[(String, Var)], saved: &HashMap<String, Tensor>) -> Result<()
     Ok(())
 }
 
+/// A finished model at N = 1 whose outputs are soft targets (`train.distill`): it answers
+/// every instance of the student's batch on its own, one forward more per step.
+pub struct Teacher<'a, T> {
+    pub task: &'a T,
+    pub soft: Soft,
+}
+
 /// Train `task` on `train`, select on `valid` (the examples `valid_order`, all when `None`).
 pub fn train<T: Task>(
     task: &T,
+    map: &SeededVarMap,
+    train: &T::Data,
+    valid: &T::Data,
+    valid_order: Option<&[usize]>,
+    s: &Schedule,
+    progress: impl FnMut(Progress<'_>),
+) -> Result<Outcome> {
+    train_with(task, None, map, train, valid, valid_order, s, progress)
+}
+
+/// [`train`], distilling from `teacher` where there is one.
+#[allow(clippy::too_many_arguments)]
+pub fn train_with<T: Task>(
+    task: &T,
+    teacher: Option<&Teacher<'_, T>>,
     map: &SeededVarMap,
     train: &T::Data,
     valid: &T::Data,
@@ -138,6 +161,8 @@ pub fn train<T: Task>(
     );
     let mut rng = rng_for(s.seed, &format!("{}.batch", s.stage));
     let mut widths = rng_for(s.seed, &format!("{}.serve_n", s.stage));
+    // The teacher's own stream, so a distilled run draws the student's batches as without it.
+    let mut teacher_rng = rng_for(s.seed, &format!("{}.teacher", s.stage));
     let slots_per_row = task.n_instances();
     datamux_core::layers::seed_dropout(s.seed, &format!("{}.dropout", s.stage));
     let start = Instant::now();
@@ -156,7 +181,17 @@ pub fn train<T: Task>(
             datamux_core::group::Groups::partial(&real, slots_per_row, n).slots
         };
         let batch = task.batch(train, &slots, &mut rng)?;
-        let losses = task.loss(&batch, true)?;
+        let losses = match teacher {
+            // The teacher at N = 1 takes the same slot list: one row per slot, in the order
+            // of the student's logits (a dummy slot is a dummy row, left out of both terms).
+            Some(t) => {
+                let logits = t
+                    .task
+                    .predict(&t.task.batch(train, &slots, &mut teacher_rng)?)?;
+                task.loss_distilled(&batch, &logits, t.soft, true)?
+            }
+            None => task.loss(&batch, true)?,
+        };
         let loss = f64::from(losses.total.to_scalar::<f32>()?);
         anyhow::ensure!(
             loss.is_finite(),

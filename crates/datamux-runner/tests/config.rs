@@ -194,6 +194,58 @@ fn sweeps_variants_and_skips_expand_as_written() {
     assert_ne!(e.runs[0].run_id(), e.runs[1].run_id());
 }
 
+/// `train.distill` gives every N > 1 run the N = 1 run of its sweep point as its teacher, that
+/// run exactly (variants included); the N = 1 run itself trains without it and keeps the id it
+/// has in a file that does not distil. A skipped N = 1 and a modality without distillation are
+/// one-line errors.
+#[test]
+fn distillation_names_the_sweeps_n1_run_as_teacher() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = load(&write(dir.path(), "t", BASE), "default", &[]).unwrap();
+    let text =
+        format!("{BASE}\n[[variant]]\nwhen = {{ n_instances = [1] }}\ntrain = {{ lr = 0.25 }}\n")
+            .replace(
+                "batch_size = 12",
+                "batch_size = 12\ndistill = { weight = 0.5, temperature = 3.0 }",
+            );
+    let e = load(&write(dir.path(), "t", &text), "default", &[]).unwrap();
+    let n1 = &e.runs[0];
+    assert_eq!(n1.model.n_instances, 1);
+    assert!(!n1.train.distill.enabled() && n1.teacher.is_none());
+    assert_eq!(n1.train.lr, 0.25);
+    for r in &e.runs[1..] {
+        assert_eq!(r.train.distill.weight, 0.5);
+        assert_eq!(r.teacher.as_deref(), Some(n1));
+    }
+    let unvaried = load(
+        &write(dir.path(), "t", &text.replace("lr = 0.25", "lr = 1e-3")),
+        "default",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(unvaried.runs[0].run_id(), plain.runs[0].run_id());
+    assert_ne!(unvaried.runs[1].run_id(), plain.runs[1].run_id());
+
+    let skipped = format!("{text}\n[[variant]]\nwhen = {{ n_instances = [1] }}\nskip = true\n");
+    let err = format!(
+        "{:#}",
+        load(&write(dir.path(), "t", &skipped), "default", &[]).unwrap_err()
+    );
+    assert!(
+        err.contains("train.distill needs the run at N = 1"),
+        "{err}"
+    );
+    let speech = text
+        .replace("modality = \"vision\"", "modality = \"audio\"")
+        .replace("dataset = \"mnist\"", "dataset = \"spoken-digits\"")
+        .replace("backbone = \"lenet\"", "backbone = \"transformer\"");
+    let err = format!(
+        "{:#}",
+        load(&write(dir.path(), "t", &speech), "default", &[]).unwrap_err()
+    );
+    assert!(err.contains("has no distillation"), "{err}");
+}
+
 #[test]
 fn profiles_override_file_variants_and_set_overrides_everything() {
     let dir = tempfile::tempdir().unwrap();

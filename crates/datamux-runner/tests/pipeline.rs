@@ -461,3 +461,57 @@ local = { folder = "my-digits", files = { train = ["train.parquet"], test = ["te
         ok[0].id.data_source
     );
 }
+
+/// Distillation end to end, on two workers: the N = 2 run learns from the N = 1 run of its
+/// sweep (HRR binding and unbinding on the MLP), loading the checkpoint the N = 1 run saved,
+/// or waiting on its lock while it trains; both rows are written (that the N = 1 run is the one
+/// a file without distillation has: config.rs).
+#[test]
+fn a_distilled_sweep_trains_its_teacher_once_and_both_rows_land() {
+    let ws = workspace();
+    let dir = ws.path();
+    let hrr = "[speed]\nenabled = false\n[[variant]]\nwhen = {}\n\
+               model = { mux = { kind = \"hrr\", learn = true }, demux = { kind = \"hrr\" } }\n";
+    let distil = format!("{hrr}train = {{ distill = {{ weight = 0.5, temperature = 2.0 }} }}\n");
+    std::fs::write(
+        dir.join("experiments/distil.toml"),
+        tiny_vision("distil", "mnist", "[1, 2]", &distil),
+    )
+    .unwrap();
+    let data = mirror();
+    let o = datamux(
+        dir,
+        &[
+            "run",
+            "experiments/distil.toml",
+            "--out",
+            "results",
+            "--jobs",
+            "2",
+            "--data-dir",
+            &data,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = |name: &str| -> Vec<AccuracyRow> {
+        let all: Vec<AccuracyRow> =
+            results::read_table(&dir.join(format!("results/{name}/accuracy.parquet"))).unwrap();
+        let mut ok: Vec<AccuracyRow> = all
+            .into_iter()
+            .filter(|r| r.id.status == Status::Ok && r.split == "test" && r.metric == "accuracy")
+            .collect();
+        ok.sort_by_key(|r| r.id.n_instances);
+        ok
+    };
+    let d = rows("distil");
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert_eq!((d[0].id.n_instances, d[1].id.n_instances), (1, 2));
+    assert!(d[1].id.mux == "hrr" && d[1].id.demux == "hrr");
+    // One checkpoint per run: the teacher was not trained a second time under another name.
+    let runs = std::fs::read_dir(dir.join("runs/distil"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .count();
+    assert_eq!(runs, 2);
+}

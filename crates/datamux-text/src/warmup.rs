@@ -285,6 +285,7 @@ mod tests {
             warmup: toml::from_str(warmup).unwrap_or_else(|e| panic!("{e}")),
             speed: Default::default(),
             warmup_source: None,
+            teacher: None,
         };
         r.data.dataset = "rt-snippets".into();
         r.model.backbone = "transformer".into();

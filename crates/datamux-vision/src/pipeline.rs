@@ -4,10 +4,12 @@
 use anyhow::{Result, bail};
 use candle_core::Device;
 use datamux_core::SeededVarMap;
+use datamux_core::task::Soft;
 use datamux_data::{Catalogue, Examples, Kind, Split, Splits};
 use datamux_pipeline::serve::{Card, InputKind, Output, Served};
+use datamux_pipeline::train::Teacher;
 use datamux_pipeline::{
-    Context, Modality, Record, RunConfig, SpeedPoint, Stage, section_json, stages,
+    Context, Modality, Record, RunConfig, SpeedPoint, Stage, checkpoint, section_json, stages,
 };
 use serde_json::value::RawValue;
 
@@ -53,6 +55,51 @@ fn image_data(split: &Split, spec: &ImageSpec) -> Result<ImageData> {
         };
         anyhow::anyhow!("{}", split.error_at(row, &e.to_string()))
     })
+}
+
+/// The servable model's card of a run.
+fn card(run: &RunConfig, s: &Splits) -> Result<(&'static str, String)> {
+    Card::new(
+        run,
+        Output::Classify,
+        InputKind::Image,
+        &s.train.label_names,
+    )
+    .file()
+}
+
+/// The finished N = 1 run `t` as a teacher, loaded from its checkpoint, or trained first (as
+/// that run would train, saved where it would save) when no finished checkpoint is there.
+fn teacher_task(
+    t: &RunConfig,
+    s: &Splits,
+    data: &stages::Data<'_, ImageData>,
+    ctx: &mut Context<'_>,
+) -> Result<(ImageTask, SeededVarMap)> {
+    let dir = checkpoint::run_dir(ctx.env, t);
+    let _lock = checkpoint::lock(&dir, || {
+        ctx.tick(
+            Stage::Train,
+            0,
+            1,
+            "waiting for the N = 1 run, this run's teacher",
+        )
+    })?;
+    let map = SeededVarMap::new(t.seed);
+    let task = task(t, s.train.label_names.len(), &map)?;
+    let loaded = checkpoint::verify(&dir).and_then(|()| checkpoint::load(&dir, &map));
+    match loaded {
+        Ok(saved) => {
+            task.net.check_buffers(&saved)?;
+            ctx.tick(Stage::Train, 0, 1, "loaded the teacher");
+        }
+        Err(_) => {
+            let extra = [card(t, s)?];
+            let data = stages::Data { ..*data };
+            stages::train_task(&task, &map, &task.net.buffers(), t, data, &extra, ctx)?;
+        }
+    }
+    Ok((task, map))
 }
 
 /// The task model of a run with `classes` labels.
@@ -177,7 +224,12 @@ impl Modality for Vision {
             Arch::Mlp => format!("{}x{}", cfg.mlp.num_layers, cfg.mlp.hidden_size),
             Arch::Lenet | Arch::Resnet => {
                 let c: Vec<String> = cfg.cnn.channels.iter().map(|c| c.to_string()).collect();
-                format!("{}-{}", c.join("-"), cfg.cnn.hidden_size)
+                // A shared stem is named by its width, `s64-...`; per-slot stems as before.
+                let stem = match cfg.cnn.stem {
+                    crate::cnn::StemKind::Shared => format!("s{}-", cfg.cnn.stem_channels),
+                    crate::cnn::StemKind::PerSlot => String::new(),
+                };
+                format!("{stem}{}-{}", c.join("-"), cfg.cnn.hidden_size)
             }
             Arch::Vit => format!(
                 "{}x{}p{}",
@@ -199,21 +251,73 @@ impl Modality for Vision {
             image_data(&s.valid, &spec)?,
             image_data(&s.test, &spec)?,
         );
-        let map = SeededVarMap::new(run.seed);
-        let task = task(run, s.train.label_names.len(), &map)?;
         let data = stages::Data {
             train: &train,
             valid: &valid,
             test: (s.test.split.as_str(), &test),
         };
-        let card = Card::new(
+        let classes = s.train.label_names.len();
+        let teacher = match &run.teacher {
+            Some(t) => {
+                let (teacher_spec, _) = settings(t)?;
+                anyhow::ensure!(
+                    teacher_spec == spec,
+                    "train.distill: the teacher {} sees images as {teacher_spec:?}, this run as \
+                     {spec:?}; the two must agree",
+                    t.run_id()
+                );
+                Some(teacher_task(t, s, &data, ctx)?)
+            }
+            None => None,
+        };
+        // An N = 1 run may be another run's teacher: the lock keeps a student from training it
+        // at the same time (checkpoint::lock).
+        let own = checkpoint::run_dir(ctx.env, run);
+        let _lock = if run.model.n_instances == 1 {
+            Some(checkpoint::lock(&own, || {
+                ctx.tick(
+                    Stage::Train,
+                    0,
+                    1,
+                    "waiting for a student training this run",
+                )
+            })?)
+        } else {
+            None
+        };
+        let map = SeededVarMap::new(run.seed);
+        let task = task(run, classes, &map)?;
+        let extra = [card(run, s)?];
+        let soft = Soft {
+            weight: run.train.distill.weight,
+            temperature: run.train.distill.temperature,
+        };
+        let teacher = teacher.as_ref().map(|(t, _)| Teacher { task: t, soft });
+        let buffers = task.net.buffers();
+        stages::train_task_with(
+            &task,
+            teacher.as_ref(),
+            &map,
+            &buffers,
             run,
-            Output::Classify,
-            InputKind::Image,
-            &s.train.label_names,
-        );
-        let extra = [card.file()?];
-        stages::train_task(&task, &map, &task.net.buffers(), run, data, &extra, ctx)
+            data,
+            &extra,
+            ctx,
+        )
+    }
+
+    fn warmups(&self, run: &RunConfig) -> Vec<String> {
+        // An N = 1 run keeps its own name until it finishes: its checkpoint is what a student
+        // loads first (sweep/queue.rs).
+        match (&run.teacher, run.model.n_instances) {
+            (Some(t), _) => vec![t.run_id()],
+            (None, 1) => vec![run.run_id()],
+            (None, _) => Vec::new(),
+        }
+    }
+
+    fn distills(&self) -> bool {
+        true
     }
 
     fn speed(&self, run: &RunConfig, s: &Splits, ctx: &mut Context<'_>) -> Result<SpeedPoint> {

@@ -120,6 +120,23 @@ impl Task for ImageTask {
         })
     }
 
+    fn loss_distilled(
+        &self,
+        batch: &ImageBatch,
+        teacher: &Tensor,
+        soft: task::Soft,
+        train: bool,
+    ) -> Result<Losses> {
+        let logits = self.logits(batch, train)?; // (B·N, C)
+        let hard = task::real_cross_entropy(&logits, &batch.labels, &batch.real)?;
+        let total = task::distilled(&hard, &logits, teacher, &batch.real, soft)?;
+        Ok(Losses {
+            total,
+            task: Some(hard),
+            retrieval: None,
+        })
+    }
+
     fn score(&self, batch: &ImageBatch) -> Result<Score> {
         task::slot_counts(
             &self.logits(batch, false)?,

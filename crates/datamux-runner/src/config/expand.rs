@@ -154,7 +154,13 @@ impl Resolver<'_> {
             warmup: wire.warmup,
             speed: wire.speed,
             warmup_source: None,
+            teacher: None,
         };
+        // The N = 1 run is the teacher and learns from labels alone, so that it is the same run
+        // (and id) whether or not the file distils.
+        if run.model.n_instances == 1 {
+            run.train.distill = Default::default();
+        }
         validate::validate(&run, self.modality, self.catalogue)
             .with_context(|| format!("{shown}: run {}", run.run_id()))?;
         if let (true, Some(from)) = (run.warmup.enabled, run.warmup.from_n) {
@@ -183,6 +189,23 @@ impl Resolver<'_> {
                 run.run_id()
             );
             run.warmup_source = Some(Box::new(source));
+        }
+        if run.train.distill.enabled() {
+            ensure!(
+                self.modality.distills(),
+                "{shown}: run {}: train.distill: the {} modality has no distillation",
+                run.run_id(),
+                self.modality.name()
+            );
+            let at = RunPoint { n: 1, ..p.clone() };
+            let teacher = self.run(&at)?.with_context(|| {
+                format!(
+                    "{shown}: run {}: train.distill needs the run at N = 1 as its teacher, but it \
+                     is skipped",
+                    run.run_id()
+                )
+            })?;
+            run.teacher = Some(Box::new(teacher));
         }
         Ok(Some(run))
     }

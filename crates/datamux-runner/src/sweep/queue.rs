@@ -45,11 +45,13 @@ impl Queue {
         Some((exp, job))
     }
 
-    /// The job `run_id` of `slot` is past its warm-ups (or finished). A message of the slot's
-    /// previous job, read after the slot took its next one, names that job and changes nothing.
-    pub fn warmed_up(&mut self, slot: usize, run_id: &str) {
+    /// The job `run_id` of `slot` is past its warm-ups, or `finished`. A job that names itself
+    /// (an N = 1 run that teaches others, `Modality::warmups`) keeps its name until finished.
+    /// A message of the slot's previous job, read after the slot took its next one, names that
+    /// job and changes nothing.
+    pub fn warmed_up(&mut self, slot: usize, run_id: &str, finished: bool) {
         if self.warming[slot].0 == run_id {
-            self.warming[slot].1.clear();
+            self.warming[slot].1.retain(|w| !finished && w == run_id);
         }
     }
 }
@@ -90,7 +92,7 @@ mod tests {
         assert_eq!(id(&q.next(0).unwrap()), n2.run().run_id());
         // N = 1's warm-up is being trained by slot 0 (as the source of N = 2's): B1 goes first.
         assert_eq!(id(&q.next(1).unwrap()), b1.run().run_id());
-        q.warmed_up(1, &b1.run().run_id());
+        q.warmed_up(1, &b1.run().run_id(), false);
         // When every job left waits on a warm-up, the first goes anyway.
         assert_eq!(id(&q.next(1).unwrap()), n1.run().run_id());
         assert!(q.next(0).is_none());
@@ -99,9 +101,41 @@ mod tests {
         let mut q = Queue::new(vec![(0, n2.clone()), (1, n1.clone()), (2, b1.clone())], 2);
         q.next(0);
         // A late message of another job of slot 0 changes nothing.
-        q.warmed_up(0, &b1.run().run_id());
+        q.warmed_up(0, &b1.run().run_id(), false);
         assert_eq!(id(&q.next(1).unwrap()), b1.run().run_id());
-        q.warmed_up(0, &n2.run().run_id());
+        q.warmed_up(0, &n2.run().run_id(), false);
         assert_eq!(id(&q.next(1).unwrap()), n1.run().run_id());
+    }
+
+    /// An N = 1 run keeps its name while it trains (it is the teacher the students load first):
+    /// a student is not started beside it while another job can be.
+    #[test]
+    fn a_student_waits_for_its_teacher_to_finish_not_to_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "name = \"t\"\nmodality = \"vision\"\n[data]\ndataset = \"mnist\"\n\
+                    [model]\nbackbone = \"mlp\"\ndemux = { kind = \"mlp\" }\n[train]\nsteps = 10\n\
+                    distill = { weight = 0.5 }\n[sweep]\nn_instances = [1, 2]\nseeds = [0, 1]\n";
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, text).unwrap();
+        let catalogue = datamux_data::Catalogue::builtin().unwrap();
+        let runs = config::load(&path, "default", &[], &catalogue)
+            .unwrap()
+            .runs;
+        let job = |n: usize, seed: u64| {
+            let r = runs
+                .iter()
+                .find(|r| r.model.n_instances == n && r.seed == seed);
+            Job::Train(r.unwrap().clone())
+        };
+        let (t0, s0, t1) = (job(1, 0), job(2, 0), job(1, 1));
+        assert_eq!(s0.warmups(), t0.warmups());
+        let id = |j: &(usize, Job)| j.1.run().run_id();
+        let mut q = Queue::new(vec![(0, t0.clone()), (0, s0.clone()), (0, t1.clone())], 2);
+        assert_eq!(id(&q.next(0).unwrap()), t0.run().run_id());
+        // The teacher trains its task (a Train tick): still its own name, so the student waits.
+        q.warmed_up(0, &t0.run().run_id(), false);
+        assert_eq!(id(&q.next(1).unwrap()), t1.run().run_id());
+        q.warmed_up(0, &t0.run().run_id(), true);
+        assert_eq!(id(&q.next(0).unwrap()), s0.run().run_id());
     }
 }

@@ -206,7 +206,7 @@ pub fn run_jobs(
             // A job's warm-ups are finished (trained or loaded) once it trains its task.
             if t.stage == Stage::Train {
                 if let Ok(mut q) = queue.lock() {
-                    q.warmed_up(slot, &names[slot]);
+                    q.warmed_up(slot, &names[slot], false);
                 }
             }
             let b = &bars[slot];
@@ -223,7 +223,7 @@ pub fn run_jobs(
         match done_rx.recv_timeout(std::time::Duration::from_millis(100)) {
             Ok((slot, exp, job, r)) => {
                 if let Ok(mut q) = queue.lock() {
-                    q.warmed_up(slot, &job.run().run_id());
+                    q.warmed_up(slot, &job.run().run_id(), true);
                 }
                 // The error becomes the job's row (and is printed below with the others).
                 let r = r.unwrap_or_else(|e| crate::job::failed_result(&job, &plan.env, &e));
