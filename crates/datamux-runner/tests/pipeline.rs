@@ -514,4 +514,34 @@ fn a_distilled_sweep_trains_its_teacher_once_and_both_rows_land() {
         .filter(|e| e.path().is_dir())
         .count();
     assert_eq!(runs, 2);
+
+    // Text: the sentence task learns from its N = 1 run the same way (its warm-up included).
+    let o = datamux(
+        dir,
+        &[
+            "run",
+            "experiments/text-sentence.toml",
+            "--profile",
+            "smoke",
+            "--no-speed",
+            "--out",
+            "results",
+            "--set",
+            "train.distill.weight=0.5",
+            "--set",
+            "sweep.dataset=[\"rt-snippets\"]",
+            "--jobs",
+            "2",
+            "--data-dir",
+            &data,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text: Vec<AccuracyRow> =
+        results::read_table(&dir.join("results/text-sentence/accuracy.parquet")).unwrap();
+    let ok = text
+        .iter()
+        .filter(|r| r.id.status == Status::Ok && r.split == "test" && r.metric == "accuracy")
+        .count();
+    assert_eq!(ok, 3, "{text:?}");
 }

@@ -284,6 +284,59 @@ pub fn text_task(
     )?)
 }
 
+impl Text {
+    /// The finished N = 1 run `t` as a teacher: trained first (as that run, its warm-up
+    /// included, under its lock) when its checkpoint is not finished, then loaded. Its
+    /// tokenizer must be the student's, since the teacher reads the student's token ids.
+    fn teacher(
+        &self,
+        t: &RunConfig,
+        s: &Splits,
+        tk: &TextTokenizer,
+        ctx: &mut Context<'_>,
+    ) -> Result<(TextTask, SeededVarMap)> {
+        use datamux_pipeline::checkpoint;
+        let dir = checkpoint::run_dir(ctx.env, t);
+        let finished = {
+            let _lock = checkpoint::lock(&dir, || {
+                ctx.tick(
+                    Stage::Train,
+                    0,
+                    1,
+                    "waiting for the N = 1 run, this run's teacher",
+                )
+            })?;
+            checkpoint::verify(&dir).is_ok()
+        };
+        if !finished {
+            self.train(t, s, ctx)?;
+        }
+        let pre = pretrained(t, ctx.env)?;
+        let own = tokenizer(t, &ctx.env.cache_dir, &s.train, pre.as_ref())?;
+        ensure!(
+            own.to_json()? == tk.to_json()?,
+            "train.distill: the teacher {} tokenizes otherwise than this run; the two must agree",
+            t.run_id()
+        );
+        let map = SeededVarMap::new(t.seed);
+        let weights = (t.train.task_weight, t.train.retrieval_weight);
+        let labels = &s.train.label_names;
+        let task = text_task(
+            t,
+            HeadKind::Sentence,
+            labels,
+            tk,
+            weights,
+            &map,
+            pre.as_ref(),
+        )?;
+        let saved = checkpoint::load(&dir, &map)?;
+        task.net.check_buffers(&saved)?;
+        ctx.tick(Stage::Train, 0, 1, "loaded the teacher");
+        Ok((task, map))
+    }
+}
+
 impl Modality for Text {
     fn name(&self) -> &'static str {
         "text"
@@ -418,7 +471,18 @@ impl Modality for Text {
     }
 
     fn warmups(&self, run: &RunConfig) -> Vec<String> {
-        warmup::names(run)
+        // A teacher's name (`train.distill`) as vision's: the N = 1 run keeps its own until done.
+        let mut names = warmup::names(run);
+        match (&run.teacher, run.model.n_instances) {
+            (Some(t), _) => names.push(t.run_id()),
+            (None, 1) => names.push(run.run_id()),
+            _ => {}
+        }
+        names
+    }
+
+    fn distills(&self) -> bool {
+        true
     }
 
     fn train(&self, run: &RunConfig, s: &Splits, ctx: &mut Context<'_>) -> Result<Vec<Record>> {
@@ -430,6 +494,31 @@ impl Modality for Text {
         let (test, _) = task_data(run, &s.test, &tk, pre.as_ref(), ctx)?;
         let labels = &s.train.label_names;
         let order = stages::eval_order(run, valid.len());
+        let teacher = match &run.teacher {
+            Some(t) => {
+                ensure!(
+                    head == HeadKind::Sentence,
+                    "train.distill: soft targets are for sentence classification"
+                );
+                Some(self.teacher(t, s, &tk, ctx)?)
+            }
+            None => None,
+        };
+        // An N = 1 run may be another run's teacher: the lock keeps a student from training it
+        // at the same time.
+        let own = datamux_pipeline::checkpoint::run_dir(ctx.env, run);
+        let _lock = if run.model.n_instances == 1 {
+            Some(datamux_pipeline::checkpoint::lock(&own, || {
+                ctx.tick(
+                    Stage::Train,
+                    0,
+                    1,
+                    "waiting for a student training this run",
+                )
+            })?)
+        } else {
+            None
+        };
         let mut rows = Vec::new();
         let map = SeededVarMap::new(run.seed);
         let weights = (run.train.task_weight, run.train.retrieval_weight);
@@ -474,8 +563,16 @@ impl Modality for Text {
             extra.push(Card::new(run, output, InputKind::Text, labels).file()?);
             extra.push((crate::serve::TOKENIZER, tk.to_json()?));
         }
-        rows.extend(stages::train_task(
+        let soft = datamux_core::task::Soft {
+            weight: run.train.distill.weight,
+            temperature: run.train.distill.temperature,
+        };
+        let teacher = teacher
+            .as_ref()
+            .map(|(t, _)| datamux_pipeline::train::Teacher { task: t, soft });
+        rows.extend(stages::train_task_with(
             &task,
+            teacher.as_ref(),
             &map,
             &task.net.buffers(),
             run,

@@ -351,39 +351,20 @@ impl Task for TextTask {
     }
 
     fn loss(&self, batch: &TextBatch, train: bool) -> Result<Losses> {
-        let (a_task, a_ret) = self.weights;
-        let (enc, task) = if a_task > 0.0 {
-            let (enc, z) = self.represent(batch, train, a_ret > 0.0)?;
-            let mut loss = self.task_loss(&self.head_logits(&z)?, batch)?;
-            if let Some((h, w)) = &self.distill {
-                loss = (loss + (self.distill_loss(h, &z, batch)? * *w)?)?;
-            }
-            (enc, Some(loss))
-        } else {
-            // The warm-up needs no task head.
-            (self.net.encode(&batch.input, train)?, None)
-        };
-        let retrieval = if a_ret > 0.0 {
-            Some(
-                self.retrieval
-                    .forward_t(&enc.hidden, &batch.targets, train)?
-                    .loss,
-            )
-        } else {
-            None
-        };
-        let mut total = Tensor::zeros((), DType::F32, &self.device)?;
-        if let Some(t) = &task {
-            total = (total + (t * a_task)?)?;
+        self.loss_soft(batch, train, None)
+    }
+
+    fn loss_distilled(
+        &self,
+        batch: &TextBatch,
+        teacher: &Tensor,
+        soft: task::Soft,
+        train: bool,
+    ) -> Result<Losses> {
+        if !matches!(self.head, Head::Sentence(_)) {
+            candle_core::bail!("train.distill: soft targets are for sentence classification");
         }
-        if let Some(r) = &retrieval {
-            total = (total + (r * a_ret)?)?;
-        }
-        Ok(Losses {
-            total,
-            task,
-            retrieval,
-        })
+        self.loss_soft(batch, train, Some((teacher, soft)))
     }
 
     fn score(&self, batch: &TextBatch) -> Result<Score> {
@@ -431,6 +412,53 @@ impl Task for TextTask {
 }
 
 impl TextTask {
+    /// [`Task::loss`], the task term against soft targets too where `soft` is given
+    /// (`(teacher logits, weight and temperature)`, sentence classification).
+    fn loss_soft(
+        &self,
+        batch: &TextBatch,
+        train: bool,
+        soft: Option<(&Tensor, task::Soft)>,
+    ) -> Result<Losses> {
+        let (a_task, a_ret) = self.weights;
+        let (enc, task) = if a_task > 0.0 {
+            let (enc, z) = self.represent(batch, train, a_ret > 0.0)?;
+            let logits = self.head_logits(&z)?;
+            let mut loss = self.task_loss(&logits, batch)?;
+            if let Some((teacher, soft)) = soft {
+                loss = task::distilled(&loss, &logits, teacher, &batch.real, soft)?;
+            }
+            if let Some((h, w)) = &self.distill {
+                loss = (loss + (self.distill_loss(h, &z, batch)? * *w)?)?;
+            }
+            (enc, Some(loss))
+        } else {
+            // The warm-up needs no task head.
+            (self.net.encode(&batch.input, train)?, None)
+        };
+        let retrieval = if a_ret > 0.0 {
+            Some(
+                self.retrieval
+                    .forward_t(&enc.hidden, &batch.targets, train)?
+                    .loss,
+            )
+        } else {
+            None
+        };
+        let mut total = Tensor::zeros((), DType::F32, &self.device)?;
+        if let Some(t) = &task {
+            total = (total + (t * a_task)?)?;
+        }
+        if let Some(r) = &retrieval {
+            total = (total + (r * a_ret)?)?;
+        }
+        Ok(Losses {
+            total,
+            task,
+            retrieval,
+        })
+    }
+
     /// Token accuracy per slot over labelled positions, and entity-level F1 over words: each
     /// word is predicted at its first sub-token; words cut off by truncation count as `O`.
     fn token_score(&self, logits: &Tensor, batch: &TextBatch) -> Result<Score> {
