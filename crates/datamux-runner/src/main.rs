@@ -189,8 +189,8 @@ enum Cmd {
         /// Muxed rows per forward call of the MNIST models (the ViT's rows are 16 patches long).
         #[arg(long, default_value_t = 64)]
         vit_rows: usize,
-        /// The MNIST models to time: vit, mlp, lenet, resnet-hrr (experiments/mnist.toml's
-        /// settings).
+        /// The MNIST models to time: vit, mlp, lenet (experiments/mnist.toml's settings), lenet-hrr
+        /// (docs/images.md).
         #[arg(long, value_enum, value_delimiter = ',', default_value = "vit")]
         images: Vec<datamux_runner::bench::ImageModel>,
         /// Instances in the timed training step (one call), the same at every N.

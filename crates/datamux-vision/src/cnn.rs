@@ -172,13 +172,12 @@ impl ConvStem {
             candle_core::bail!("stem built for N = {}, got {:?}", self.n, pixels.shape());
         }
         let Some(conv2) = &self.conv2 else {
-            // (B, N, C, H, W) -> (B·N, C, H, W) -> (B·N, K, H, W), one set of weights.
-            let xs = pixels.reshape((b * n, c, h, w))?.apply(&self.conv1)?;
-            // (B·N, K, H, W) -> (B, N, K, H·W) -> (B, N, H·W, K)
-            return xs
-                .reshape((b, n, self.k, h * w))?
-                .transpose(2, 3)?
-                .contiguous();
+            // (B, N, C, H, W) -> (B·N, C, H, W) -> (B·N, H·W, K), one set of weights, channels
+            // last as the mux wants them (no transpose of the N maps).
+            let xs = self
+                .conv1
+                .channels_last(&pixels.reshape((b * n, c, h, w))?)?;
+            return xs.reshape((b, n, h * w, self.k)); // (B, N, H·W, K)
         };
         let xs = pixels.reshape((b, n * c, h, w))?; // slot i owns channels i·C..(i+1)·C
         let xs = match self.act {
@@ -370,6 +369,15 @@ mod tests {
         let last = ys.narrow(1, n - 1, 1)?;
         let diff = (first - last)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert_eq!(diff, 0.0);
+        // Channels last is the (B, K, H, W) convolution transposed.
+        let want = img
+            .reshape((1, c, side, side))?
+            .apply(&stem.conv1)? // (1, K, H, W)
+            .reshape((5, side * side))?
+            .t()?;
+        let got = ys.get(0)?.get(0)?; // (H·W, K)
+        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
         Ok(())
     }
 }

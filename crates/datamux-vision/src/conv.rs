@@ -180,6 +180,46 @@ impl Module for Conv2d {
             // profile).
             return self.inner.forward(xs);
         }
+        let ys = self.channels_last(xs)?; // (B, Ho·Wo, C_out)
+        let (b, c_out) = (ys.dim(0)?, ys.dim(2)?);
+        let (ho, wo) = self.out_hw(xs)?;
+        // (B, P, C_out) -> (B, C_out, P) -> (B, C_out, Ho, Wo)
+        ys.transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, c_out, ho, wo))
+    }
+}
+
+impl Conv2d {
+    /// `(Ho, Wo)` of the output for `xs` `(B, C, H, W)`.
+    fn out_hw(&self, xs: &Tensor) -> Result<(usize, usize)> {
+        let cfg = self.inner.config();
+        let k = self.inner.weight().dim(2)?;
+        let (_, c, h, w) = xs.dims4()?;
+        Ok(Geometry {
+            c,
+            h,
+            w,
+            k,
+            pad: cfg.padding,
+            stride: cfg.stride,
+        }
+        .out_hw())
+    }
+
+    /// The convolution with channels last, `(B, C_in, H, W) -> (B, Ho·Wo, C_out)`: the matmul's
+    /// own layout, without the transpose to `(B, C_out, Ho, Wo)` (a full copy of the output), for
+    /// a caller that wants pixels as positions (the shared stem). CPU / f32 only.
+    pub fn channels_last(&self, xs: &Tensor) -> Result<Tensor> {
+        if !xs.device().is_cpu() || xs.dtype() != candle_core::DType::F32 {
+            // candle's convolution, then (B, C_out, Ho, Wo) -> (B, Ho·Wo, C_out).
+            let ys = self.inner.forward(xs)?;
+            let (b, c_out, ho, wo) = ys.dims4()?;
+            return ys
+                .reshape((b, c_out, ho * wo))?
+                .transpose(1, 2)?
+                .contiguous();
+        }
         let cfg = self.inner.config();
         let weight = self.inner.weight(); // (C_out, C_in / G, k, k)
         let (c_out, c_in_g, k, _) = weight.dims4()?;
@@ -227,12 +267,8 @@ impl Module for Conv2d {
                 .transpose(0, 1)?
                 .reshape((b * ho * wo, c_out))?
         };
-        // (B·P, C_out) -> (B, P, C_out) -> (B, C_out, P) -> (B, C_out, Ho, Wo)
-        layers::add_trailing(&ys, bias)?
-            .reshape((b, ho * wo, c_out))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, c_out, ho, wo))
+        // (B·P, C_out) -> (B, P, C_out)
+        layers::add_trailing(&ys, bias)?.reshape((b, ho * wo, c_out))
     }
 }
 

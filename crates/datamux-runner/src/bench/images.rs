@@ -13,7 +13,7 @@ use datamux_vision::{Arch, ImageData, ImageSpec, ImageTask};
 use super::{BenchConfig, Point, identity, row, time_stages};
 use crate::results::SpeedRow;
 
-/// An MNIST model of the bench, with the settings of `experiments/mnist.toml` (random pixels
+/// An MNIST model of the bench, with the settings of `experiments/mnist.toml` or docs/images.md (random pixels
 /// stand in for images; speed does not depend on them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ImageModel {
@@ -23,8 +23,9 @@ pub enum ImageModel {
     Mlp,
     /// LeNet on the 20 x 20 crop with per-slot tanh stems, mean mux, per-slot MLP demux.
     Lenet,
-    /// The small ResNet on the 20 x 20 crop with one shared stem, HRR binding and unbinding.
-    ResnetHrr,
+    /// LeNet 32-64 on the 20 x 20 crop with one shared stem of 32 channels, HRR binding and
+    /// unbinding (docs/images.md).
+    LenetHrr,
 }
 
 impl ImageModel {
@@ -33,7 +34,7 @@ impl ImageModel {
             Self::Vit => "vit",
             Self::Mlp => "mlp",
             Self::Lenet => "lenet",
-            Self::ResnetHrr => "resnet-hrr",
+            Self::LenetHrr => "lenet-hrr",
         }
     }
 
@@ -45,7 +46,7 @@ impl ImageModel {
             Self::Vit => (Arch::Vit, MuxKind::GaussianHadamard, DemuxKind::Index),
             Self::Mlp => (Arch::Mlp, MuxKind::GaussianHadamard, DemuxKind::Mlp),
             Self::Lenet => (Arch::Lenet, MuxKind::Identity, DemuxKind::Mlp),
-            Self::ResnetHrr => (Arch::Resnet, MuxKind::Hrr, DemuxKind::Hrr),
+            Self::LenetHrr => (Arch::Lenet, MuxKind::Hrr, DemuxKind::Hrr),
         };
         if arch != Arch::Vit && arch != Arch::Mlp {
             spec.size = 20;
@@ -53,7 +54,7 @@ impl ImageModel {
             vision.cnn.hidden_size = 128;
             vision.cnn.stem_activation = datamux_vision::cnn::StemActivation::Tanh;
         }
-        if self == Self::ResnetHrr {
+        if self == Self::LenetHrr {
             vision.cnn.stem = datamux_vision::cnn::StemKind::Shared;
             vision.cnn.stem_channels = 32;
             vision.cnn.channels = vec![32, 64];
@@ -110,7 +111,7 @@ pub(super) fn image_point(
     let demux = mux.demux.kind;
     let mut id = identity(arch.name(), &image.size(arch, &vision), n, demux.name());
     id.mux = mux.mux.kind.name().into();
-    if image == ImageModel::ResnetHrr {
+    if image == ImageModel::LenetHrr {
         id.model_size = format!("s{}-{}", vision.cnn.stem_channels, id.model_size);
     }
     rows.push(row(&id, "inference", seq, &full));

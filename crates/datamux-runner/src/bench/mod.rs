@@ -508,13 +508,13 @@ mod tests {
             },
             timing,
             train_instances: 2,
-            images: vec![ImageModel::Vit, ImageModel::Lenet, ImageModel::ResnetHrr],
+            images: vec![ImageModel::Vit, ImageModel::Lenet, ImageModel::LenetHrr],
             train_step: true,
             out: dir.path().to_path_buf(),
             command: "test".into(),
         };
         let rows = run(&cfg)?;
-        for model in ["transformer", "vit", "lenet", "resnet"] {
+        for model in ["transformer", "vit", "lenet"] {
             for n in [1, 2] {
                 let modes: Vec<&str> = rows
                     .iter()
