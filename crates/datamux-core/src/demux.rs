@@ -34,11 +34,9 @@ pub enum DemuxKind {
     /// RSA-inspired demultiplexer, `index_pos` in its code).
     #[serde(alias = "index_pos")]
     Rsa,
-    /// Unbinding of holographic reduced representations (MIMONets, arXiv 2312.02829): slot i's
-    /// output is the circular correlation `uᵢ ⋆ h` of the shared output with a learned key `uᵢ`,
-    /// the inverse of binding by `uᵢ ⊛` for a unitary key. The keys are the demux's own, not
-    /// the mux's: a trunk sits between the two (and a pooling one changes the width). D
-    /// parameters per slot, no nonlinearity; the head follows.
+    /// HRR unbinding (MIMONets, arXiv 2312.02829): slot i's output is `uᵢ ⋆ h`, the circular
+    /// correlation with a learned key of its own (a trunk sits between it and the mux's keys);
+    /// D parameters per slot, no nonlinearity (docs/images.md).
     Hrr,
 }
 
@@ -260,8 +258,7 @@ impl Demux {
                 norm: LayerNorm::new(d, eps, vb.pp("layer_norm"))?,
             },
             DemuxKind::Hrr => Inner::Hrr {
-                // Entries of variance 1/D: keys of expected norm 1, near-unitary (a Gaussian
-                // key's correlation recovers a bound vector with cosine ~0.7 before training).
+                // Entries of variance 1/D: keys of expected norm 1, near-unitary.
                 keys: vb.get_with_hints(
                     (n, d),
                     "hrr.keys",
@@ -273,10 +270,8 @@ impl Demux {
             },
         };
         if cfg.residual && matches!(cfg.kind, DemuxKind::Mlp | DemuxKind::Hrr) {
-            candle_core::bail!(
-                "demux residual is for index and rsa, not {}",
-                cfg.kind.name()
-            );
+            let kind = cfg.kind.name();
+            candle_core::bail!("demux residual is for index and rsa, not {kind}");
         }
         Ok(Self {
             kind: cfg.kind,
@@ -374,12 +369,9 @@ impl Demux {
                 norm.forward_t(&self.plus_input(z, &hs, n)?, train)
             }
             Inner::Hrr { keys } => {
-                // (uᵢ ⋆ h)[a] = Σ_c h[c] uᵢ[(c - a) mod D] = (hᵀ C(uᵢ))[a]: every slot at once as
-                // one matmul with [C(u₁) | … | C(u_N)], (N, D, D) -> (D, N, D) -> (D, N·D).
-                let m = crate::mux::circulant(keys)?
-                    .transpose(0, 1)?
-                    .contiguous()?
-                    .reshape((d, n * d))?;
+                // (uᵢ ⋆ h)[a] = Σ_c h[c] uᵢ[(c - a) mod D] = (hᵀ C(uᵢ))[a], every slot in one
+                // matmul with [C(u₁) | … | C(u_N)] (D, N·D), the mux's stacked [C(uᵢ)ᵀ] transposed.
+                let m = crate::mux::stack_transposed(&crate::mux::circulant(keys)?)?.t()?;
                 let z = hs.reshape((b * l, d))?.matmul(&m)?; // (B·L', N·D)
                 // (B·L', N·D) -> (B, L', N, D) -> (B, N, L', D)
                 z.reshape((b, l, n, d))?.transpose(1, 2)

@@ -411,7 +411,7 @@ pub fn circulant(keys: &Tensor) -> Result<Tensor> {
 }
 
 /// `(N, D, D) -> (N·D, D)`: row block `i` is `Wᵢᵀ`.
-fn stack_transposed(w: &Tensor) -> Result<Tensor> {
+pub(crate) fn stack_transposed(w: &Tensor) -> Result<Tensor> {
     let (n, d, _) = w.dims3()?;
     w.transpose(1, 2)?.contiguous()?.reshape((n * d, d))
 }

@@ -24,6 +24,7 @@ pub mod serve;
 pub mod settings;
 pub mod speed;
 pub mod stages;
+pub mod teacher;
 pub mod train;
 
 pub use modality::{Context, Env, Modality, Record, SpeedPoint, Stage, Tick, parse_backbone};

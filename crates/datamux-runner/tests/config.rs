@@ -226,24 +226,19 @@ fn distillation_names_the_sweeps_n1_run_as_teacher() {
     assert_eq!(unvaried.runs[0].run_id(), plain.runs[0].run_id());
     assert_ne!(unvaried.runs[1].run_id(), plain.runs[1].run_id());
 
+    let err = |text: &str| {
+        let p = write(dir.path(), "t", text);
+        format!("{:#}", load(&p, "default", &[]).unwrap_err())
+    };
     let skipped = format!("{text}\n[[variant]]\nwhen = {{ n_instances = [1] }}\nskip = true\n");
-    let err = format!(
-        "{:#}",
-        load(&write(dir.path(), "t", &skipped), "default", &[]).unwrap_err()
-    );
-    assert!(
-        err.contains("train.distill needs the run at N = 1"),
-        "{err}"
-    );
+    let e = err(&skipped);
+    assert!(e.contains("train.distill needs the run at N = 1"), "{e}");
     let speech = text
         .replace("modality = \"vision\"", "modality = \"audio\"")
         .replace("dataset = \"mnist\"", "dataset = \"spoken-digits\"")
         .replace("backbone = \"lenet\"", "backbone = \"transformer\"");
-    let err = format!(
-        "{:#}",
-        load(&write(dir.path(), "t", &speech), "default", &[]).unwrap_err()
-    );
-    assert!(err.contains("has no distillation"), "{err}");
+    let e = err(&speech);
+    assert!(e.contains("has no distillation"), "{e}");
 }
 
 #[test]

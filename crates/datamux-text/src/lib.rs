@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod pretrained;
 pub mod serve;
 pub mod task;
+mod teacher;
 pub mod tokenizer;
 pub mod warmup;
 

@@ -284,59 +284,6 @@ pub fn text_task(
     )?)
 }
 
-impl Text {
-    /// The finished N = 1 run `t` as a teacher: trained first (as that run, its warm-up
-    /// included, under its lock) when its checkpoint is not finished, then loaded. Its
-    /// tokenizer must be the student's, since the teacher reads the student's token ids.
-    fn teacher(
-        &self,
-        t: &RunConfig,
-        s: &Splits,
-        tk: &TextTokenizer,
-        ctx: &mut Context<'_>,
-    ) -> Result<(TextTask, SeededVarMap)> {
-        use datamux_pipeline::checkpoint;
-        let dir = checkpoint::run_dir(ctx.env, t);
-        let finished = {
-            let _lock = checkpoint::lock(&dir, || {
-                ctx.tick(
-                    Stage::Train,
-                    0,
-                    1,
-                    "waiting for the N = 1 run, this run's teacher",
-                )
-            })?;
-            checkpoint::verify(&dir).is_ok()
-        };
-        if !finished {
-            self.train(t, s, ctx)?;
-        }
-        let pre = pretrained(t, ctx.env)?;
-        let own = tokenizer(t, &ctx.env.cache_dir, &s.train, pre.as_ref())?;
-        ensure!(
-            own.to_json()? == tk.to_json()?,
-            "train.distill: the teacher {} tokenizes otherwise than this run; the two must agree",
-            t.run_id()
-        );
-        let map = SeededVarMap::new(t.seed);
-        let weights = (t.train.task_weight, t.train.retrieval_weight);
-        let labels = &s.train.label_names;
-        let task = text_task(
-            t,
-            HeadKind::Sentence,
-            labels,
-            tk,
-            weights,
-            &map,
-            pre.as_ref(),
-        )?;
-        let saved = checkpoint::load(&dir, &map)?;
-        task.net.check_buffers(&saved)?;
-        ctx.tick(Stage::Train, 0, 1, "loaded the teacher");
-        Ok((task, map))
-    }
-}
-
 impl Modality for Text {
     fn name(&self) -> &'static str {
         "text"
@@ -471,13 +418,8 @@ impl Modality for Text {
     }
 
     fn warmups(&self, run: &RunConfig) -> Vec<String> {
-        // A teacher's name (`train.distill`) as vision's: the N = 1 run keeps its own until done.
         let mut names = warmup::names(run);
-        match (&run.teacher, run.model.n_instances) {
-            (Some(t), _) => names.push(t.run_id()),
-            (None, 1) => names.push(run.run_id()),
-            _ => {}
-        }
+        names.extend(datamux_pipeline::teacher::names(run));
         names
     }
 
@@ -504,21 +446,8 @@ impl Modality for Text {
             }
             None => None,
         };
-        // An N = 1 run may be another run's teacher: the lock keeps a student from training it
-        // at the same time.
-        let own = datamux_pipeline::checkpoint::run_dir(ctx.env, run);
-        let _lock = if run.model.n_instances == 1 {
-            Some(datamux_pipeline::checkpoint::lock(&own, || {
-                ctx.tick(
-                    Stage::Train,
-                    0,
-                    1,
-                    "waiting for a student training this run",
-                )
-            })?)
-        } else {
-            None
-        };
+        // An N = 1 run may be another run's teacher: held while it trains.
+        let _lock = datamux_pipeline::teacher::own_lock(run, ctx)?;
         let mut rows = Vec::new();
         let map = SeededVarMap::new(run.seed);
         let weights = (run.train.task_weight, run.train.retrieval_weight);
@@ -563,10 +492,7 @@ impl Modality for Text {
             extra.push(Card::new(run, output, InputKind::Text, labels).file()?);
             extra.push((crate::serve::TOKENIZER, tk.to_json()?));
         }
-        let soft = datamux_core::task::Soft {
-            weight: run.train.distill.weight,
-            temperature: run.train.distill.temperature,
-        };
+        let soft = run.train.distill.soft();
         let teacher = teacher
             .as_ref()
             .map(|(t, _)| datamux_pipeline::train::Teacher { task: t, soft });

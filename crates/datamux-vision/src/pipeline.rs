@@ -4,7 +4,6 @@
 use anyhow::{Result, bail};
 use candle_core::Device;
 use datamux_core::SeededVarMap;
-use datamux_core::task::Soft;
 use datamux_data::{Catalogue, Examples, Kind, Split, Splits};
 use datamux_pipeline::serve::{Card, InputKind, Output, Served};
 use datamux_pipeline::train::Teacher;
@@ -270,28 +269,12 @@ impl Modality for Vision {
             }
             None => None,
         };
-        // An N = 1 run may be another run's teacher: the lock keeps a student from training it
-        // at the same time (checkpoint::lock).
-        let own = checkpoint::run_dir(ctx.env, run);
-        let _lock = if run.model.n_instances == 1 {
-            Some(checkpoint::lock(&own, || {
-                ctx.tick(
-                    Stage::Train,
-                    0,
-                    1,
-                    "waiting for a student training this run",
-                )
-            })?)
-        } else {
-            None
-        };
+        // An N = 1 run may be another run's teacher: held while it trains.
+        let _lock = datamux_pipeline::teacher::own_lock(run, ctx)?;
         let map = SeededVarMap::new(run.seed);
         let task = task(run, classes, &map)?;
         let extra = [card(run, s)?];
-        let soft = Soft {
-            weight: run.train.distill.weight,
-            temperature: run.train.distill.temperature,
-        };
+        let soft = run.train.distill.soft();
         let teacher = teacher.as_ref().map(|(t, _)| Teacher { task: t, soft });
         let buffers = task.net.buffers();
         stages::train_task_with(
@@ -307,13 +290,7 @@ impl Modality for Vision {
     }
 
     fn warmups(&self, run: &RunConfig) -> Vec<String> {
-        // An N = 1 run keeps its own name until it finishes: its checkpoint is what a student
-        // loads first (sweep/queue.rs).
-        match (&run.teacher, run.model.n_instances) {
-            (Some(t), _) => vec![t.run_id()],
-            (None, 1) => vec![run.run_id()],
-            (None, _) => Vec::new(),
-        }
+        datamux_pipeline::teacher::names(run)
     }
 
     fn distills(&self) -> bool {

@@ -17,11 +17,18 @@ pub struct Queue {
 
 impl Queue {
     pub fn new(list: Vec<(usize, Job)>, slots: usize) -> Self {
+        // A run that teaches another of the list (`train.distill`) is named by its own id until
+        // it finishes: its students load its checkpoint first.
+        let teachers: Vec<String> = list.iter().flat_map(|(_, j)| j.warmups()).collect();
         Self {
             left: list
                 .into_iter()
                 .map(|(exp, job)| {
-                    let w = job.warmups();
+                    let mut w = job.warmups();
+                    let id = job.run().run_id();
+                    if matches!(job, Job::Train(_)) && teachers.contains(&id) {
+                        w.push(id);
+                    }
                     (exp, job, w)
                 })
                 .collect(),
@@ -45,8 +52,8 @@ impl Queue {
         Some((exp, job))
     }
 
-    /// The job `run_id` of `slot` is past its warm-ups, or `finished`. A job that names itself
-    /// (an N = 1 run that teaches others, `Modality::warmups`) keeps its name until finished.
+    /// The job `run_id` of `slot` is past its warm-ups, or `finished`. A teacher's own name
+    /// (`new`) is kept until it finishes.
     /// A message of the slot's previous job, read after the slot took its next one, names that
     /// job and changes nothing.
     pub fn warmed_up(&mut self, slot: usize, run_id: &str, finished: bool) {
@@ -128,7 +135,8 @@ mod tests {
             Job::Train(r.unwrap().clone())
         };
         let (t0, s0, t1) = (job(1, 0), job(2, 0), job(1, 1));
-        assert_eq!(s0.warmups(), t0.warmups());
+        assert_eq!(s0.warmups(), [t0.run().run_id()]);
+        assert!(t0.warmups().is_empty());
         let id = |j: &(usize, Job)| j.1.run().run_id();
         let mut q = Queue::new(vec![(0, t0.clone()), (0, s0.clone()), (0, t1.clone())], 2);
         assert_eq!(id(&q.next(0).unwrap()), t0.run().run_id());
