@@ -74,8 +74,9 @@ pub struct TrainConfig {
     pub distill: DistillConfig,
 }
 
-/// `train.distill = { weight = 0.5, temperature = 2.0 }`: the loss is `(1 − weight)·task +
-/// weight·T²·KL(teacher ‖ student)` at temperature `T` (`datamux_core::task::distilled`).
+/// `train.distill = { weight = 0.5, temperature = 2.0, init = true }`: the loss is
+/// `(1 − weight)·task + weight·T²·KL(teacher ‖ student)` at temperature `T`
+/// (`datamux_core::task::distilled`); `init` starts the student from the teacher's weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistillConfig {
@@ -84,6 +85,12 @@ pub struct DistillConfig {
     pub weight: f64,
     #[serde(deserialize_with = "datamux_core::range::positive")]
     pub temperature: f64,
+    /// Start the student from its teacher: every parameter of the same name and shape is
+    /// copied (the stem, trunk and head); the per-slot ones (mux and demux keys) keep their
+    /// fresh values. Usable with `weight = 0` (a warm start alone). Off is left out of the
+    /// settings, so earlier runs keep their hashes.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub init: bool,
 }
 
 impl Default for DistillConfig {
@@ -91,6 +98,7 @@ impl Default for DistillConfig {
         Self {
             weight: 0.0,      // off
             temperature: 2.0, // a common choice for 10 classes (Hinton et al. 2015 use 1-20)
+            init: false,
         }
     }
 }
@@ -100,8 +108,14 @@ impl DistillConfig {
         *self == Self::default()
     }
 
+    /// Whether the loss has the soft-target term.
     pub fn enabled(&self) -> bool {
         self.weight > 0.0
+    }
+
+    /// Whether the run needs its N = 1 teacher: for soft targets or a warm start.
+    pub fn needs_teacher(&self) -> bool {
+        self.enabled() || self.init
     }
 }
 

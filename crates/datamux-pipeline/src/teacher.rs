@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use datamux_core::SeededVarMap;
 use datamux_core::task::Soft;
 
 use crate::checkpoint;
@@ -61,4 +62,70 @@ pub fn finished(t: &RunConfig, ctx: &mut Context<'_>) -> Result<(PathBuf, bool)>
     })?;
     let done = checkpoint::verify(&dir).is_ok();
     Ok((dir, done))
+}
+
+/// Start a student from its teacher (`train.distill.init`): every variable of `student` whose
+/// name and shape are the teacher's takes the teacher's value; the others (per-slot keys and
+/// demultiplexers, whose shapes depend on N) keep their fresh initialisation. Returns how many
+/// were copied; none in common is an error, since then the two are not the same model.
+pub fn start_from(student: &SeededVarMap, teacher: &SeededVarMap) -> Result<usize> {
+    let saved = checkpoint::tensors(teacher)?;
+    let mut copied = 0;
+    for (name, var) in student.sorted_vars()? {
+        if let Some(t) = saved.get(&name).filter(|t| t.shape() == var.shape()) {
+            var.set(t)?;
+            copied += 1;
+        }
+    }
+    anyhow::ensure!(
+        copied > 0,
+        "train.distill.init: the student shares no parameter (name and shape) with its teacher"
+    );
+    Ok(copied)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+    use candle_nn::Init;
+
+    use super::*;
+
+    fn map(seed: u64, slots: usize) -> SeededVarMap {
+        let m = SeededVarMap::new(seed);
+        let vb = m.var_builder(DType::F32, &Device::Cpu);
+        let init = Init::Randn {
+            mean: 0.,
+            stdev: 1.,
+        };
+        vb.get_with_hints((3, 5), "trunk.w", init).unwrap();
+        vb.get_with_hints((slots, 7), "mux.keys", init).unwrap();
+        m
+    }
+
+    fn value(m: &SeededVarMap, name: &str) -> Vec<f32> {
+        let vars = m.sorted_vars().unwrap();
+        let (_, v) = vars.iter().find(|(n, _)| n == name).unwrap();
+        v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// The shared variable takes the teacher's value; the per-slot one (another shape at
+    /// N = 3) keeps the student's own; nothing in common is an error.
+    #[test]
+    fn a_student_starts_from_what_it_shares_with_its_teacher() {
+        let (teacher, student) = (map(1, 1), map(2, 3));
+        let own_keys = value(&student, "mux.keys");
+        assert_ne!(value(&student, "trunk.w"), value(&teacher, "trunk.w"));
+        assert_eq!(start_from(&student, &teacher).unwrap(), 1);
+        assert_eq!(value(&student, "trunk.w"), value(&teacher, "trunk.w"));
+        assert_eq!(value(&student, "mux.keys"), own_keys);
+
+        let other = SeededVarMap::new(3);
+        other
+            .var_builder(DType::F32, &Device::Cpu)
+            .get_with_hints((2, 2), "head.w", Init::Const(0.))
+            .unwrap();
+        let e = start_from(&other, &teacher).unwrap_err().to_string();
+        assert!(e.contains("shares no parameter"), "{e}");
+    }
 }

@@ -225,6 +225,21 @@ fn distillation_names_the_sweeps_n1_run_as_teacher() {
     .unwrap();
     assert_eq!(unvaried.runs[0].run_id(), plain.runs[0].run_id());
     assert_ne!(unvaried.runs[1].run_id(), plain.runs[1].run_id());
+    // `init` off is left out of the settings (earlier runs keep their ids); a warm start alone
+    // (weight 0) needs the teacher too, and is a run of its own.
+    let json = serde_json::to_string(&unvaried.runs[1].train).unwrap();
+    assert!(!json.contains("init"), "{json}");
+    let warm = text.replace("lr = 0.25", "lr = 1e-3").replace(
+        "weight = 0.5, temperature = 3.0",
+        "weight = 0.0, init = true",
+    );
+    let warm = load(&write(dir.path(), "t", &warm), "default", &[]).unwrap();
+    assert_eq!(warm.runs[0].run_id(), plain.runs[0].run_id());
+    for (r, plain) in warm.runs[1..].iter().zip(&plain.runs[1..]) {
+        assert!(r.train.distill.init && !r.train.distill.enabled());
+        assert_eq!(r.teacher.as_deref(), Some(&warm.runs[0]));
+        assert_ne!(r.run_id(), plain.run_id());
+    }
 
     let err = |text: &str| {
         let p = write(dir.path(), "t", text);

@@ -472,7 +472,10 @@ fn a_distilled_sweep_trains_its_teacher_once_and_both_rows_land() {
     let dir = ws.path();
     let hrr = "[speed]\nenabled = false\n[[variant]]\nwhen = {}\n\
                model = { mux = { kind = \"hrr\", learn = true }, demux = { kind = \"hrr\" } }\n";
-    let distil = format!("{hrr}train = {{ distill = {{ weight = 0.5, temperature = 2.0 }} }}\n");
+    // `init`: the student also starts from the teacher's weights (the same checkpoint).
+    let distil = format!(
+        "{hrr}train = {{ distill = {{ weight = 0.5, temperature = 2.0, init = true }} }}\n"
+    );
     std::fs::write(
         dir.join("experiments/distil.toml"),
         tiny_vision("distil", "mnist", "[1, 2]", &distil),
@@ -544,4 +547,37 @@ fn a_distilled_sweep_trains_its_teacher_once_and_both_rows_land() {
         .filter(|r| r.id.status == Status::Ok && r.split == "test" && r.metric == "accuracy")
         .count();
     assert_eq!(ok, 3, "{text:?}");
+
+    // A warm start from the teacher cannot follow a warm-up (one line); without one it trains.
+    let warm_start = |warmup: &str| {
+        datamux(
+            dir,
+            &[
+                "run",
+                "experiments/text-sentence.toml",
+                "--profile",
+                "smoke",
+                "--no-speed",
+                "--out",
+                "results",
+                "--set",
+                "train.distill.init=true",
+                "--set",
+                &format!("sweep.warmup=[{warmup}]"),
+                "--set",
+                "sweep.dataset=[\"rt-snippets\"]",
+                "--data-dir",
+                &data,
+            ],
+        )
+    };
+    let o = warm_start("true");
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("cannot follow a warm-up"),
+        "{}",
+        stderr(&o)
+    );
+    let o = warm_start("false");
+    assert!(o.status.success(), "{}", stderr(&o));
 }

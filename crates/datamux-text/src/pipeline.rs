@@ -440,7 +440,7 @@ impl Modality for Text {
             Some(t) => {
                 ensure!(
                     head == HeadKind::Sentence,
-                    "train.distill: soft targets are for sentence classification"
+                    "train.distill: a teacher (soft targets, init) is for sentence classification only"
                 );
                 Some(self.teacher(t, s, &tk, ctx)?)
             }
@@ -452,6 +452,15 @@ impl Modality for Text {
         let map = SeededVarMap::new(run.seed);
         let weights = (run.train.task_weight, run.train.retrieval_weight);
         let task = text_task(run, head, labels, &tk, weights, &map, pre.as_ref())?;
+        if let (true, Some((_, teacher_map))) = (run.train.distill.init, &teacher) {
+            // A warm-up would train the backbone only for the copy to overwrite it.
+            ensure!(
+                !run.warmup.enabled,
+                "train.distill.init starts from the N = 1 teacher; it cannot follow a warm-up \
+                 (set warmup.enabled = false)"
+            );
+            datamux_pipeline::teacher::start_from(&map, teacher_map)?;
+        }
         if run.warmup.enabled {
             let shared = warmup::Shared {
                 splits: s,
@@ -495,6 +504,7 @@ impl Modality for Text {
         let soft = run.train.distill.soft();
         let teacher = teacher
             .as_ref()
+            .filter(|_| run.train.distill.enabled())
             .map(|(t, _)| datamux_pipeline::train::Teacher { task: t, soft });
         rows.extend(stages::train_task_with(
             &task,

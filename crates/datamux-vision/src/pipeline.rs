@@ -273,9 +273,15 @@ impl Modality for Vision {
         let _lock = datamux_pipeline::teacher::own_lock(run, ctx)?;
         let map = SeededVarMap::new(run.seed);
         let task = task(run, classes, &map)?;
+        if let (true, Some((_, teacher_map))) = (run.train.distill.init, &teacher) {
+            datamux_pipeline::teacher::start_from(&map, teacher_map)?;
+        }
         let extra = [card(run, s)?];
         let soft = run.train.distill.soft();
-        let teacher = teacher.as_ref().map(|(t, _)| Teacher { task: t, soft });
+        let teacher = teacher
+            .as_ref()
+            .filter(|_| run.train.distill.enabled())
+            .map(|(t, _)| Teacher { task: t, soft });
         let buffers = task.net.buffers();
         stages::train_task_with(
             &task,

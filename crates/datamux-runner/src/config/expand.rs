@@ -190,7 +190,7 @@ impl Resolver<'_> {
             );
             run.warmup_source = Some(Box::new(source));
         }
-        if run.train.distill.enabled() {
+        if run.train.distill.needs_teacher() {
             ensure!(
                 self.modality.distills(),
                 "{shown}: run {}: train.distill: the {} modality has no distillation",
