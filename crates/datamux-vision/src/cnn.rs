@@ -56,6 +56,15 @@ pub struct Config {
     /// settings when `per_slot`, so earlier runs keep their settings hash.
     #[serde(skip_serializing_if = "StemKind::is_per_slot")]
     pub stem: StemKind,
+    /// ReLU after the trunk's output layer (the default). Off, the `D`-wide output is linear,
+    /// which an unbinding demux (`hrr`, a linear map per slot) reads without the half of the
+    /// superposition a ReLU zeroes. Left out of the serialised settings when on.
+    #[serde(skip_serializing_if = "is_true")]
+    pub out_relu: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// What turns each image into the `K`-channel map that is multiplexed.
@@ -104,6 +113,7 @@ impl Default for Config {
             // What every run before the field had; experiments choose `tanh` (experiments/mnist.toml).
             stem_activation: StemActivation::Relu,
             stem: StemKind::PerSlot,
+            out_relu: true,
         }
     }
 }
@@ -236,6 +246,7 @@ pub struct Cnn {
     k: usize,
     d: usize,
     dropout: f64,
+    out_relu: bool,
 }
 
 impl Cnn {
@@ -294,6 +305,7 @@ impl Cnn {
             k: cfg.stem_channels,
             d: cfg.hidden_size,
             dropout: cfg.dropout,
+            out_relu: cfg.out_relu,
         })
     }
 
@@ -328,9 +340,8 @@ impl Cnn {
             Trunk::Lenet => xs.flatten_from(1)?, // (B, C·H'·W')
             Trunk::Resnet => xs.mean((2, 3))?,   // (B, C)
         };
-        let ys = layers::dropout(&flat, self.dropout, train)?
-            .apply(&self.out)?
-            .relu()?;
+        let ys = layers::dropout(&flat, self.dropout, train)?.apply(&self.out)?;
+        let ys = if self.out_relu { ys.relu()? } else { ys };
         ys.unsqueeze(1) // (B, 1, D)
     }
 }
@@ -378,6 +389,40 @@ mod tests {
         let got = ys.get(0)?.get(0)?; // (H·W, K)
         let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-6, "{diff}");
+        Ok(())
+    }
+
+    /// `out_relu = false` leaves the trunk's output linear: the same weights give the ReLU'd
+    /// output's positive part and negative values besides, `(B, H·W, K) -> (B, 1, D)`.
+    #[test]
+    fn the_output_relu_is_a_setting() -> Result<()> {
+        let (side, k, d) = (5, 3, 7);
+        let xs = Tensor::randn(0f32, 1.0, (2, side * side, k), &Device::Cpu)?;
+        let out = |out_relu| -> Result<Tensor> {
+            let cfg = Config {
+                stem_channels: k,
+                channels: vec![4],
+                hidden_size: d,
+                out_relu,
+                ..Config::default()
+            };
+            let map = SeededVarMap::new(0);
+            let cnn = Cnn::new(
+                &cfg,
+                Trunk::Lenet,
+                side,
+                map.var_builder(DType::F32, &Device::Cpu),
+            )?;
+            cnn.forward_t(&xs, false)
+        };
+        let (relu, linear) = (out(true)?, out(false)?);
+        assert_eq!(linear.dims(), [2, 1, d]);
+        assert!(linear.min_all()?.to_scalar::<f32>()? < 0.0);
+        let diff = (linear.relu()? - relu)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
         Ok(())
     }
 }
