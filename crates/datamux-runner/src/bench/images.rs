@@ -23,8 +23,8 @@ pub enum ImageModel {
     Mlp,
     /// LeNet on the 20 x 20 crop with per-slot tanh stems, mean mux, per-slot MLP demux.
     Lenet,
-    /// LeNet 32-64 on the 20 x 20 crop with one shared stem of 32 channels, HRR binding and
-    /// unbinding (docs/images.md).
+    /// LeNet 32-64 (linear output, 512) on the 20 x 20 crop with one shared stem of 32 channels, HRR
+    /// binding and unbinding: experiments/mnist-hrr.toml's model (docs/images.md).
     LenetHrr,
 }
 
@@ -58,6 +58,8 @@ impl ImageModel {
             vision.cnn.stem = datamux_vision::cnn::StemKind::Shared;
             vision.cnn.stem_channels = 32;
             vision.cnn.channels = vec![32, 64];
+            vision.cnn.hidden_size = 512; // experiments/mnist-hrr.toml's
+            vision.cnn.out_relu = false;
         }
         let mut cfg = model::Config::new(n, mux, demux);
         cfg.mux.norm = if arch == Arch::Vit { 8.0 } else { 16.0 };
