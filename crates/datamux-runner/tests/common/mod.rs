@@ -118,3 +118,24 @@ pub fn workspace() -> tempfile::TempDir {
 pub fn mirror() -> String {
     root().join("fixtures/mirror").display().to_string()
 }
+
+/// An experiment file at a profile (expanded, not run), against the built-in catalogue.
+pub fn load(
+    path: &Path,
+    profile: &str,
+    overrides: &[(String, toml::Value)],
+) -> anyhow::Result<datamux_runner::config::Experiment> {
+    datamux_runner::config::load(
+        path,
+        profile,
+        overrides,
+        &datamux_data::Catalogue::builtin()?,
+    )
+}
+
+pub fn experiments_dir() -> PathBuf {
+    // Read at run time: a test binary built from another checkout that shares the target folder
+    // (CI) would otherwise look in that checkout.
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"))
+        .join("../../experiments")
+}
