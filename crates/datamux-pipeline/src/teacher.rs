@@ -48,11 +48,10 @@ pub fn names(run: &RunConfig) -> Vec<String> {
     run.teacher.iter().map(|t| t.run_id()).collect()
 }
 
-/// The teacher `t`'s checkpoint folder, and whether it is finished (checked under its lock, so a
-/// run training it is waited for).
-pub fn finished(t: &RunConfig, ctx: &mut Context<'_>) -> Result<(PathBuf, bool)> {
+/// The teacher `t`'s checkpoint folder and its lock, waited for while another run trains it.
+pub fn lock(t: &RunConfig, ctx: &mut Context<'_>) -> Result<(PathBuf, datamux_data::lock::Lock)> {
     let dir = checkpoint::run_dir(ctx.env, t);
-    let _lock = checkpoint::lock(&dir, || {
+    let lock = checkpoint::lock(&dir, || {
         ctx.tick(
             Stage::Train,
             0,
@@ -60,6 +59,13 @@ pub fn finished(t: &RunConfig, ctx: &mut Context<'_>) -> Result<(PathBuf, bool)>
             "waiting for the N = 1 run, this run's teacher",
         )
     })?;
+    Ok((dir, lock))
+}
+
+/// The teacher `t`'s checkpoint folder, and whether it is finished (checked under its lock, so a
+/// run training it is waited for).
+pub fn finished(t: &RunConfig, ctx: &mut Context<'_>) -> Result<(PathBuf, bool)> {
+    let (dir, _lock) = lock(t, ctx)?;
     let done = checkpoint::verify(&dir).is_ok();
     Ok((dir, done))
 }

@@ -519,9 +519,9 @@ fn a_distilled_sweep_trains_its_teacher_once_and_both_rows_land() {
     assert_eq!(runs, 2);
 
     // Text: the sentence task learns from its N = 1 run the same way (its warm-up included).
-    let o = datamux(
-        dir,
-        &[
+    // The text file's smoke profile on rt-snippets, two workers, with `sets` on top.
+    let text_smoke = |sets: &[&str]| {
+        let mut args = vec![
             "run",
             "experiments/text-sentence.toml",
             "--profile",
@@ -530,15 +530,18 @@ fn a_distilled_sweep_trains_its_teacher_once_and_both_rows_land() {
             "--out",
             "results",
             "--set",
-            "train.distill.weight=0.5",
-            "--set",
             "sweep.dataset=[\"rt-snippets\"]",
             "--jobs",
             "2",
             "--data-dir",
             &data,
-        ],
-    );
+        ];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        datamux(dir, &args)
+    };
+    let o = text_smoke(&["train.distill.weight=0.5"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text: Vec<AccuracyRow> =
         results::read_table(&dir.join("results/text-sentence/accuracy.parquet")).unwrap();
@@ -550,26 +553,10 @@ fn a_distilled_sweep_trains_its_teacher_once_and_both_rows_land() {
 
     // A warm start from the teacher cannot follow a warm-up (one line); without one it trains.
     let warm_start = |warmup: &str| {
-        datamux(
-            dir,
-            &[
-                "run",
-                "experiments/text-sentence.toml",
-                "--profile",
-                "smoke",
-                "--no-speed",
-                "--out",
-                "results",
-                "--set",
-                "train.distill.init=true",
-                "--set",
-                &format!("sweep.warmup=[{warmup}]"),
-                "--set",
-                "sweep.dataset=[\"rt-snippets\"]",
-                "--data-dir",
-                &data,
-            ],
-        )
+        text_smoke(&[
+            "train.distill.init=true",
+            &format!("sweep.warmup=[{warmup}]"),
+        ])
     };
     let o = warm_start("true");
     assert!(!o.status.success());

@@ -452,13 +452,8 @@ impl Modality for Text {
         let map = SeededVarMap::new(run.seed);
         let weights = (run.train.task_weight, run.train.retrieval_weight);
         let task = text_task(run, head, labels, &tk, weights, &map, pre.as_ref())?;
+        // Never after a warm-up (config validation refuses the two together).
         if let (true, Some((_, teacher_map))) = (run.train.distill.init, &teacher) {
-            // A warm-up would train the backbone only for the copy to overwrite it.
-            ensure!(
-                !run.warmup.enabled,
-                "train.distill.init starts from the N = 1 teacher; it cannot follow a warm-up \
-                 (set warmup.enabled = false)"
-            );
             datamux_pipeline::teacher::start_from(&map, teacher_map)?;
         }
         if run.warmup.enabled {

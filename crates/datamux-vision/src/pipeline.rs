@@ -75,15 +75,8 @@ fn teacher_task(
     data: &stages::Data<'_, ImageData>,
     ctx: &mut Context<'_>,
 ) -> Result<(ImageTask, SeededVarMap)> {
-    let dir = checkpoint::run_dir(ctx.env, t);
-    let _lock = checkpoint::lock(&dir, || {
-        ctx.tick(
-            Stage::Train,
-            0,
-            1,
-            "waiting for the N = 1 run, this run's teacher",
-        )
-    })?;
+    // Held while a missing teacher trains here, so no other student trains it too.
+    let (dir, _lock) = datamux_pipeline::teacher::lock(t, ctx)?;
     let map = SeededVarMap::new(t.seed);
     let task = task(t, s.train.label_names.len(), &map)?;
     let loaded = checkpoint::verify(&dir).and_then(|()| checkpoint::load(&dir, &map));

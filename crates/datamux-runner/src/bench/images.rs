@@ -13,8 +13,8 @@ use datamux_vision::{Arch, ImageData, ImageSpec, ImageTask};
 use super::{BenchConfig, Point, identity, row, time_stages};
 use crate::results::SpeedRow;
 
-/// An MNIST model of the bench, with the settings of `experiments/mnist.toml` or docs/images.md (random pixels
-/// stand in for images; speed does not depend on them).
+/// An MNIST model of the bench, with the settings of `experiments/mnist.toml` or
+/// `experiments/mnist-hrr.toml` (random pixels stand in for images; speed does not depend on them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ImageModel {
     /// The ViT, 4 x 64, patches of 7, Gaussian keys and the index demux.

@@ -154,6 +154,12 @@ pub fn validate(run: &RunConfig, modality: &dyn Modality, catalogue: &Catalogue)
         );
     } else if run.warmup.enabled {
         check_warmup(&run.warmup, n, m.demux.kind)?;
+        // A warm-up would train the backbone only for the teacher's copy to overwrite it.
+        ensure!(
+            !t.distill.init,
+            "train.distill.init starts from the N = 1 teacher; it cannot follow a warm-up \
+             (set warmup.enabled = false)"
+        );
     }
     modality.validate(run, catalogue)
 }
