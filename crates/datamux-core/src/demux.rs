@@ -20,6 +20,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::cache::KeyedCache;
 use crate::layers::{self, INIT_RANGE, LayerNorm, Linear};
 
 /// How the N representations are separated.
@@ -188,8 +189,8 @@ enum Inner {
         dense2: Linear,
         norm: LayerNorm,
     },
-    /// `(N, D)` learned unbinding keys.
-    Hrr { keys: Tensor },
+    /// `(N, D)` learned unbinding keys; their circulants `(D, N·D)` kept at inference.
+    Hrr { keys: Tensor, unbind: KeyedCache },
 }
 
 /// One demultiplexer (task or retrieval; each has its own parameters).
@@ -267,6 +268,7 @@ impl Demux {
                         stdev: 1.0 / (d as f64).sqrt(),
                     },
                 )?,
+                unbind: KeyedCache::default(),
             },
         };
         if cfg.residual && matches!(cfg.kind, DemuxKind::Mlp | DemuxKind::Hrr) {
@@ -368,10 +370,14 @@ impl Demux {
                 let z = z.apply(dense2)?;
                 norm.forward_t(&self.plus_input(z, &hs, n)?, train)
             }
-            Inner::Hrr { keys } => {
+            Inner::Hrr { keys, unbind } => {
                 // (uᵢ ⋆ h)[a] = Σ_c h[c] uᵢ[(c - a) mod D] = (hᵀ C(uᵢ))[a], every slot in one
                 // matmul with [C(u₁) | … | C(u_N)] (D, N·D), the mux's stacked [C(uᵢ)ᵀ] transposed.
-                let m = crate::mux::stack_transposed(&crate::mux::circulant(keys)?)?.t()?;
+                let m = unbind.get(keys, train, |k| {
+                    crate::mux::stack_transposed(&crate::mux::circulant(k)?)?
+                        .t()?
+                        .contiguous()
+                })?;
                 let z = hs.reshape((b * l, d))?.matmul(&m)?; // (B·L', N·D)
                 // (B·L', N·D) -> (B, L', N, D) -> (B, N, L', D)
                 z.reshape((b, l, n, d))?.transpose(1, 2)
@@ -438,7 +444,7 @@ impl Demux {
                     .apply(dense2)?;
                 norm.forward_t(&if self.residual { (z + &hs)? } else { z }, train)
             }
-            Inner::Hrr { keys } => {
+            Inner::Hrr { keys, .. } => {
                 // Each pair's own key: (K, D) -> circulants (K, D, D); (K, 1, D)·(K, D, D).
                 let c = crate::mux::circulant(&keys.index_select(&pairs.slots, 0)?)?;
                 hs.unsqueeze(1)?.matmul(&c)?.squeeze(1) // (K, D)
@@ -503,12 +509,9 @@ fn split_halves(w: &Tensor, d: usize) -> Result<(Tensor, Tensor)> {
     Ok((w.narrow(1, 0, d)?, w.narrow(1, d, d)?))
 }
 
-fn require_bias(bias: Option<&Tensor>) -> Result<&Tensor> {
-    bias.ok_or_else(|| candle_core::Error::Msg("demux layer built without a bias".into()))
-}
-
 fn broadcast_bias(xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    layers::add_trailing(xs, require_bias(bias)?)
+    let bias = bias.ok_or_else(|| candle_core::Error::Msg("demux layer without a bias".into()))?;
+    layers::add_trailing(xs, bias)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! modality-agnostic parts, with no I/O:
 //!
 //! - [`mux`]: the multiplexers, `(B, N, L, D) -> (B, L, D)`;
+//! - [`cache`]: matrices built from learned keys, kept between inference calls;
 //! - [`demux`]: the index prefix and the demultiplexers, `(B, P+L, D) -> (B, N, L', D)`;
 //! - [`retrieval`]: the retrieval warm-up head and its target sampling;
 //! - [`fused`]: fused CPU kernels with backward passes (attention, GELU) the encoder runs on;
@@ -20,6 +21,7 @@
 //! Shape letters: `B` muxed rows, `N` instances per row, `L` sequence length, `P` prefix length,
 //! `D` hidden size, `C` classes, `V` vocabulary (see `docs/architecture.md`).
 
+pub mod cache;
 pub mod demux;
 pub mod encoder;
 pub mod error;

@@ -14,6 +14,7 @@ use candle_core::{Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::cache::KeyedCache;
 use crate::encoder::{self, Layer};
 use crate::error::ConfigError;
 use crate::init::rng_for;
@@ -199,6 +200,8 @@ pub struct Multiplexer {
     /// Fixed orthogonal (or circulant) maps pre-arranged as `[W₁ᵀ; …; W_Nᵀ]`, `(N·D, D)`, so
     /// inference does not rebuild `N·D²` values on every call.
     stacked: Option<Tensor>,
+    /// The same for learned keys, rebuilt at inference only when their values change.
+    learned_stack: KeyedCache,
     /// The contextual multiplexer's layers: within each instance, then across instances.
     context: Option<Box<[Layer; 2]>>,
     dev: Device,
@@ -250,6 +253,7 @@ impl Multiplexer {
             keys,
             delta,
             stacked,
+            learned_stack: KeyedCache::default(),
             context,
             dev: vb.device().clone(),
         })
@@ -304,7 +308,8 @@ impl Multiplexer {
     }
 
     /// `(B, N, L, D)` with padding flags `pad` `(B, N, L)` (1 = padding) -> `(B, L, D)`. Only the
-    /// contextual kind reads `pad` and `train` (its attention masks and dropout).
+    /// contextual kind reads `pad`; `train` is its dropout, and with learned maps whether they
+    /// are rebuilt (training) or may come from the cache (inference).
     pub fn forward_t(&self, xs: &Tensor, pad: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let (b, n, l, d) = xs.dims4()?;
         if n != self.n || d != self.d {
@@ -331,8 +336,10 @@ impl Multiplexer {
                 let xs = xs.transpose(1, 2)?.contiguous()?.reshape((b * l, n * d))?; // (B·L, N·D)
                 let stacked = match (&self.stacked, self.kind) {
                     (Some(s), _) => s.clone(),
-                    (None, MuxKind::Hrr) => stack_transposed(&circulant(&w)?)?,
-                    (None, _) => stack_transposed(&w)?,
+                    (None, kind) => self.learned_stack.get(&w, train, |w| match kind {
+                        MuxKind::Hrr => stack_transposed(&circulant(w)?),
+                        _ => stack_transposed(w),
+                    })?,
                 };
                 // Sum / √N rather than the mean: each Wᵢxᵢ keeps the norm of xᵢ, and for
                 // independent instances the sum grows like √N (reference behaviour, method.md §3.1).

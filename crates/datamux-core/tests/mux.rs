@@ -179,6 +179,43 @@ fn hrr_binds_by_circular_convolution_and_unbinds_by_correlation() -> Result<()> 
     Ok(())
 }
 
+/// Learned `hrr` maps are kept between inference calls (crate::cache): what inference returns
+/// always equals the training path's fresh build, before and after the keys are written in place.
+#[test]
+fn learned_hrr_maps_cached_at_inference_follow_their_keys() -> Result<()> {
+    let dev = Device::Cpu;
+    let (b, n, l, d) = (2, 3, 4, 11);
+    let map = SeededVarMap::new(7);
+    let vb = map.var_builder(DType::F32, &dev);
+    let learned = mux::Config {
+        learn: true,
+        ..mux::Config::with_kind(MuxKind::Hrr)
+    };
+    let m = Multiplexer::new(&learned, n, d, 7, vb.pp("mux"))?;
+    let demux_cfg = datamux_core::demux::Config::with_kind(DemuxKind::Hrr);
+    let demux = datamux_core::demux::Demux::new(&demux_cfg, n, d, vb.pp("demux"))?;
+    let xs = randn((b, n, l, d))?;
+    let both = |train: bool| -> Result<Tensor> {
+        let mixed = m.forward_t(&xs, None, train)?; // (B, L, D)
+        demux.forward_t(&mixed, 0, Positions::Tokens, train) // (B, N, L, D)
+    };
+    let before = both(false)?;
+    assert!(max_abs_diff(&before, &both(false)?)? == 0.0);
+    assert!(max_abs_diff(&before, &both(true)?)? < 1e-5);
+    // An optimizer step or a checkpoint load writes the variables in place.
+    for name in ["mux.delta", "demux.hrr.keys"] {
+        let var = map.varmap().data().lock().unwrap()[name].clone();
+        var.set(&var.as_tensor().affine(0.5, 0.1)?)?;
+    }
+    let after = both(false)?;
+    assert!(
+        max_abs_diff(&after, &before)? > 1e-3,
+        "the new keys are used"
+    );
+    assert!(max_abs_diff(&after, &both(true)?)? < 1e-5);
+    Ok(())
+}
+
 #[test]
 fn index_prefix_slot_i_of_instance_i_holds_its_marker() -> Result<()> {
     let sizes = Sizes::tiny();
