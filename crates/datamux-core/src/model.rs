@@ -40,6 +40,13 @@ pub trait Frontend {
     fn embed_muxed(&self, _input: &Self::Input, _scales: &Tensor) -> Result<Option<Embedded>> {
         Ok(None)
     }
+    /// The same for a mux that is one matrix (`maps` `(N·D, D)`, [`Multiplexer::slot_maps`]):
+    /// xs `(B, L, D)` = `[embed(input).xs[:, 1] … xs[:, N]] · maps` at each position. A linear
+    /// frontend folds `maps` into its weights (the shared convolutional stem). `None`, the
+    /// default, where it cannot.
+    fn embed_mapped(&self, _input: &Self::Input, _maps: &Tensor) -> Result<Option<Embedded>> {
+        Ok(None)
+    }
 }
 
 /// The shared trunk that runs once per muxed row.
@@ -233,22 +240,26 @@ impl<F: Frontend, B: Backbone> MuxNet<F, B> {
     }
 
     /// The backbone's input: `(B, P+L, D)` and the `(B, P+L)` key-padding mask. At inference,
-    /// where the mux is per-slot scales and the frontend can, in one pass that never holds
-    /// `(B, N, L, D)` ([`Frontend::embed_muxed`]); otherwise [`Frontend::embed`], then
+    /// where the mux is per-slot scales or one matrix and the frontend can, in one pass that
+    /// never holds `(B, N, L, D)` ([`Frontend::embed_muxed`], [`Frontend::embed_mapped`]);
+    /// otherwise [`Frontend::embed`], then
     /// [`Self::mux_input`]. Training always takes the two-step path, whose ops carry gradients.
     pub fn embed_and_mux(&self, input: &F::Input, train: bool) -> Result<(Tensor, Option<Tensor>)> {
         if !train {
-            if let Some(scales) = self.mux.slot_scales()? {
-                if let Some(Embedded { xs, pad }) = self.frontend.embed_muxed(input, &scales)? {
-                    let n = pad.as_ref().map_or(Ok(self.n), |p| p.dim(1))?;
-                    if n != self.n {
-                        candle_core::bail!(
-                            "frontend gave N = {n}, the model multiplexes N = {}",
-                            self.n
-                        );
-                    }
-                    return self.add_prefix(xs, pad);
+            let fused = match (self.mux.slot_scales()?, self.mux.slot_maps()?) {
+                (Some(scales), _) => self.frontend.embed_muxed(input, &scales)?,
+                (None, Some(maps)) => self.frontend.embed_mapped(input, &maps)?,
+                (None, None) => None,
+            };
+            if let Some(Embedded { xs, pad }) = fused {
+                let n = pad.as_ref().map_or(Ok(self.n), |p| p.dim(1))?;
+                if n != self.n {
+                    candle_core::bail!(
+                        "frontend gave N = {n}, the model multiplexes N = {}",
+                        self.n
+                    );
                 }
+                return self.add_prefix(xs, pad);
             }
         }
         self.mux_input_t(self.frontend.embed(input, train)?, train)

@@ -302,6 +302,31 @@ impl Multiplexer {
         }
     }
 
+    /// The mux as one matrix `(N·D, D)` where it is one, `forward(xs) = [x₁ … x_N] · maps` per
+    /// position: `[W₁ᵀ; …; W_Nᵀ] / √N` for `random_ortho` and `hrr` (learned maps from the
+    /// inference cache); `None` for the other kinds. A linear frontend can then fold the maps
+    /// into its own weights ([`crate::model::Frontend::embed_mapped`]).
+    pub fn slot_maps(&self) -> Result<Option<Tensor>> {
+        let (Some(w), MuxKind::RandomOrtho | MuxKind::Hrr) = (self.effective_keys()?, self.kind)
+        else {
+            return Ok(None);
+        };
+        let stacked = match &self.stacked {
+            Some(s) => s.clone(),
+            None => self.learned_stack.get(&w, false, |w| self.stack(w))?,
+        };
+        Ok(Some((stacked / (self.n as f64).sqrt())?))
+    }
+
+    /// `[W₁ᵀ; …; W_Nᵀ]` `(N·D, D)` of keys `w` (`hrr`: `(N, D)`, their circulants; `random_ortho`:
+    /// the maps `(N, D, D)`).
+    fn stack(&self, w: &Tensor) -> Result<Tensor> {
+        match self.kind {
+            MuxKind::Hrr => stack_transposed(&circulant(w)?),
+            _ => stack_transposed(w),
+        }
+    }
+
     /// `(B, N, L, D) -> (B, L, D)` at inference, nothing padded.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.forward_t(xs, None, false)
@@ -334,12 +359,9 @@ impl Multiplexer {
                 // Σᵢ Wᵢ xᵢ as one matmul: [x₁ … x_N] (B·L, N·D) times [W₁ᵀ; …; W_Nᵀ] (N·D, D);
                 // for `hrr` Wᵢ is the circulant matrix of key i, Wᵢ x = kᵢ ⊛ x.
                 let xs = xs.transpose(1, 2)?.contiguous()?.reshape((b * l, n * d))?; // (B·L, N·D)
-                let stacked = match (&self.stacked, self.kind) {
-                    (Some(s), _) => s.clone(),
-                    (None, kind) => self.learned_stack.get(&w, train, |w| match kind {
-                        MuxKind::Hrr => stack_transposed(&circulant(w)?),
-                        _ => stack_transposed(w),
-                    })?,
+                let stacked = match &self.stacked {
+                    Some(s) => s.clone(),
+                    None => self.learned_stack.get(&w, train, |w| self.stack(w))?,
                 };
                 // Sum / √N rather than the mean: each Wᵢxᵢ keeps the norm of xᵢ, and for
                 // independent instances the sum grows like √N (reference behaviour, method.md §3.1).

@@ -182,12 +182,13 @@ impl ConvStem {
             candle_core::bail!("stem built for N = {}, got {:?}", self.n, pixels.shape());
         }
         let Some(conv2) = &self.conv2 else {
-            // (B, N, C, H, W) -> (B·N, C, H, W) -> (B·N, H·W, K), one set of weights, channels
-            // last as the mux wants them (no transpose of the N maps).
+            // (B, N, C, H, W) -> (B·N, C, H, W) -> (B, H·W, N, K), one set of weights, each
+            // pixel's N maps side by side as the hrr mux's matmul reads them, returned as its
+            // (B, N, H·W, K) view: the mux's transpose back to (B, H·W, N, K) copies nothing.
             let xs = self
                 .conv1
-                .channels_last(&pixels.reshape((b * n, c, h, w))?)?;
-            return xs.reshape((b, n, h * w, self.k)); // (B, N, H·W, K)
+                .channels_last_slots(&pixels.reshape((b * n, c, h, w))?, n)?;
+            return xs.transpose(1, 2); // (B, N, H·W, K)
         };
         let xs = pixels.reshape((b, n * c, h, w))?; // slot i owns channels i·C..(i+1)·C
         let xs = match self.act {
@@ -199,6 +200,22 @@ impl ConvStem {
         xs.reshape((b, n, self.k, h * w))?
             .transpose(2, 3)?
             .contiguous()
+    }
+}
+
+impl ConvStem {
+    /// The shared stem and a mux that is one matrix `maps` `(N·K, D)` in one linear map,
+    /// `(B, N, C, H, W) -> (B, H·W, D)` = `[stem(x₁) … stem(x_N)] · maps` per pixel, the maps
+    /// folded into the kernel ([`Conv2d::channels_last_mapped`]). `None` for per-slot stems
+    /// (nonlinear) and where the convolution has no such path.
+    pub fn forward_mapped(&self, pixels: &Tensor, maps: &Tensor) -> Result<Option<Tensor>> {
+        let (b, n, c, h, w) = pixels.dims5()?;
+        if n != self.n || self.conv2.is_some() {
+            return Ok(None);
+        }
+        // (B, N, C, H, W) -> (B·N, C, H, W)
+        self.conv1
+            .channels_last_mapped(&pixels.reshape((b * n, c, h, w))?, n, maps)
     }
 }
 
@@ -380,6 +397,18 @@ mod tests {
         let last = ys.narrow(1, n - 1, 1)?;
         let diff = (first - last)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert_eq!(diff, 0.0);
+        // Distinct images keep their slots: slot (1, 2)'s map is that image's alone.
+        let xs = Tensor::randn(0f32, 1.0, (b, n, c, side, side), &Device::Cpu)?;
+        let one = stem.forward(
+            &xs.narrow(0, 1, 1)?
+                .narrow(1, 2, 1)?
+                .repeat((1, n, 1, 1, 1))?,
+        )?;
+        let diff = (stem.forward(&xs)?.get(1)?.get(2)? - one.get(0)?.get(0)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
         // Channels last is the (B, K, H, W) convolution transposed.
         let want = img
             .reshape((1, c, side, side))?
@@ -389,6 +418,41 @@ mod tests {
         let got = ys.get(0)?.get(0)?; // (H·W, K)
         let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-6, "{diff}");
+        Ok(())
+    }
+
+    /// At inference the shared stem folds a matrix mux into its kernel: the same `(B, H·W, K)`
+    /// as the stem, then the mux (hrr, learned keys written off their start; random_ortho).
+    #[test]
+    fn the_stem_and_a_matrix_mux_fold_into_one_map() -> Result<()> {
+        use datamux_core::mux::{self, Multiplexer, MuxKind};
+        let cfg = Config {
+            stem: StemKind::Shared,
+            stem_channels: 6,
+            ..Config::default()
+        };
+        let (b, n, c, side) = (2, 3, 1, 5);
+        let dev = Device::Cpu;
+        let xs = Tensor::randn(0f32, 1.0, (b, n, c, side, side), &dev)?;
+        for kind in [MuxKind::Hrr, MuxKind::RandomOrtho] {
+            let map = SeededVarMap::new(1);
+            let vb = map.var_builder(DType::F32, &dev);
+            let stem = ConvStem::new(&cfg, n, c, vb.pp("stem"))?;
+            let learned = mux::Config {
+                learn: true,
+                ..mux::Config::with_kind(kind)
+            };
+            let m = Multiplexer::new(&learned, n, 6, 1, vb.pp("mux"))?;
+            let delta = map.varmap().data().lock().unwrap()["mux.delta"].clone();
+            delta.set(&Tensor::randn(0f32, 0.1, delta.shape(), &dev)?)?;
+            let want = m.forward(&stem.forward(&xs)?)?; // (B, H·W, K)
+            let maps = m.slot_maps()?.expect("a matrix mux");
+            let got = stem
+                .forward_mapped(&xs, &maps)?
+                .expect("the shared stem folds");
+            let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "{kind:?}: {diff}");
+        }
         Ok(())
     }
 

@@ -211,14 +211,110 @@ impl Conv2d {
     /// own layout, without the transpose to `(B, C_out, Ho, Wo)` (a full copy of the output), for
     /// a caller that wants pixels as positions (the shared stem). CPU / f32 only.
     pub fn channels_last(&self, xs: &Tensor) -> Result<Tensor> {
+        self.channels_last_n(xs, 1)
+    }
+
+    /// [`Self::channels_last`] for `B·N` images that are the `N` slots of `B` rows, `(B·N, C_in,
+    /// H, W) -> (B, Ho·Wo, N, C_out)`: each pixel's `N` maps side by side, the row a mux that
+    /// mixes slots per pixel reads (`hrr`: one matmul row per pixel), so nothing transposes the
+    /// output. The patches are reordered instead: `C_in·k·k` values a pixel, not `C_out` (9
+    /// against 32 for the MNIST stem). CPU / f32 and one group for the reordered patches;
+    /// elsewhere the output is transposed.
+    pub fn channels_last_slots(&self, xs: &Tensor, n: usize) -> Result<Tensor> {
+        let b = xs.dim(0)?;
+        if n == 0 || b % n != 0 {
+            candle_core::bail!("conv2d: {b} images are not rows of N = {n} slots");
+        }
+        match (self.inner.config().groups, n) {
+            (1, 1) => return self.channels_last(xs)?.unsqueeze(2), // (B, P, 1, C_out)
+            (1, _) => return self.channels_last_n(xs, n),
+            _ => {}
+        }
+        let ys = self.channels_last(xs)?; // (B·N, P, C_out)
+        let (_, p, c_out) = ys.dims3()?;
+        // (B, N, P, C_out) -> (B, P, N, C_out)
+        ys.reshape((b / n, n, p, c_out))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// The convolution of `B·N` images (the `N` slots of `B` rows) followed by a linear map of
+    /// each pixel's `N` outputs, `maps` `(N·C_out, D)`: `(B·N, C_in, H, W) -> (B, Ho·Wo, D)` =
+    /// `[conv(x₁) … conv(x_N)] · maps` at each pixel, as one matmul of the pixel's `N·C_in·k·k`
+    /// patch values with the folded kernel `[Kᵀ M₁; …; Kᵀ M_N]` (`Mᵢ` the `(C_out, D)` block of
+    /// slot `i`), plus the bias `b · Σᵢ Mᵢ`. The `N·C_out` outputs are never written: at the MNIST
+    /// stem (9 patch values, 32 channels) that is the mux's input at a third of its size.
+    /// `None` off CPU / f32 or with groups.
+    pub fn channels_last_mapped(
+        &self,
+        xs: &Tensor,
+        n: usize,
+        maps: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let on_cpu = xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32;
+        if !on_cpu || self.inner.config().groups != 1 {
+            return Ok(None);
+        }
+        let weight = self.inner.weight(); // (C_out, C, k, k)
+        let (c_out, c, k, _) = weight.dims4()?;
+        let (rows, d) = maps.dims2()?;
+        let b = xs.dim(0)?;
+        if rows != n * c_out || n == 0 || b % n != 0 || xs.dim(1)? != c {
+            candle_core::bail!(
+                "conv2d: maps {:?} for N = {n} slots of {c_out} channels, images {:?}",
+                maps.shape(),
+                xs.shape()
+            );
+        }
+        let cfg = self.inner.config();
+        let (_, _, h, w) = xs.dims4()?;
+        let geometry = Geometry {
+            c,
+            h,
+            w,
+            k,
+            pad: cfg.padding,
+            stride: cfg.stride,
+        };
+        let (ho, wo) = geometry.out_hw();
+        let (patch, p) = (geometry.patch(), ho * wo);
+        let blocks = maps.reshape((n, c_out, d))?; // (N, C_out, D)
+        // (C·k·k, C_out) · (N, C_out, D) -> (N, C·k·k, D) -> (N·C·k·k, D)
+        let kernel = weight.reshape((c_out, patch))?.t()?.contiguous()?;
+        let folded = kernel.unsqueeze(0)?.broadcast_matmul(&blocks)?;
+        let folded = folded.reshape((n * patch, d))?;
+        let bias = self
+            .inner
+            .bias()
+            .ok_or_else(|| candle_core::Error::Msg("conv2d built without a bias".into()))?;
+        // (1, C_out) · (C_out, D) -> (1, D)
+        let bias = bias.unsqueeze(0)?.matmul(&blocks.sum(0)?)?.squeeze(0)?;
+        let cols = xs.contiguous()?.apply_op1(Im2Col(geometry))?; // (B·N, P, C·k·k)
+        // (B, N, P, C·k·k) -> (B, P, N, C·k·k) -> (B·P, N·C·k·k)
+        let cols = cols
+            .reshape((b / n, n, p, patch))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b / n * p, n * patch))?;
+        let ys = layers::add_trailing(&cols.matmul(&folded)?, &bias)?; // (B·P, D)
+        Ok(Some(ys.reshape((b / n, p, d))?)) // (B, P, D)
+    }
+
+    /// `(B·N, C_in, H, W) -> (B·N, P, C_out)` at `n = 1`, `(B, P, N, C_out)` otherwise (one
+    /// group only, checked by the caller).
+    fn channels_last_n(&self, xs: &Tensor, n: usize) -> Result<Tensor> {
         if !xs.device().is_cpu() || xs.dtype() != candle_core::DType::F32 {
             // candle's convolution, then (B, C_out, Ho, Wo) -> (B, Ho·Wo, C_out).
             let ys = self.inner.forward(xs)?;
             let (b, c_out, ho, wo) = ys.dims4()?;
-            return ys
-                .reshape((b, c_out, ho * wo))?
-                .transpose(1, 2)?
-                .contiguous();
+            // (B·N, C_out, P) -> (B, N, C_out, P) -> (B, P, N, C_out); at n = 1 (B, P, C_out)
+            let ys = ys
+                .reshape((b / n, n, c_out, ho * wo))?
+                .permute((0, 3, 1, 2))?;
+            return match n {
+                1 => ys.reshape((b, ho * wo, c_out)),
+                _ => ys.contiguous(),
+            };
         }
         let cfg = self.inner.config();
         let weight = self.inner.weight(); // (C_out, C_in / G, k, k)
@@ -253,6 +349,14 @@ impl Conv2d {
         let kernel = weight.reshape((g, c_out_g, patch_g))?.transpose(1, 2)?;
         let cols = xs.contiguous()?.apply_op1(Im2Col(geometry))?; // (B, P, C·k·k), P = Ho·Wo
         let ys = if g == 1 {
+            // With N slots: (B/N, N, P, C·k·k) -> (B/N, P, N, C·k·k), rows in the output's order.
+            let cols = match n {
+                1 => cols,
+                _ => cols
+                    .reshape((b / n, n, ho * wo, patch_g))?
+                    .transpose(1, 2)?
+                    .contiguous()?,
+            };
             // (B·P, C·k·k) x (C·k·k, C_out) -> (B·P, C_out)
             cols.reshape((b * ho * wo, patch_g))?
                 .matmul(&kernel.squeeze(0)?)?
@@ -267,8 +371,12 @@ impl Conv2d {
                 .transpose(0, 1)?
                 .reshape((b * ho * wo, c_out))?
         };
-        // (B·P, C_out) -> (B, P, C_out)
-        layers::add_trailing(&ys, bias)?.reshape((b, ho * wo, c_out))
+        // (B·P, C_out) -> (B, P, C_out), or (B/N, P, N, C_out) with N slots
+        let ys = layers::add_trailing(&ys, bias)?;
+        match n {
+            1 => ys.reshape((b, ho * wo, c_out)),
+            _ => ys.reshape((b / n, ho * wo, n, c_out)),
+        }
     }
 }
 
@@ -324,6 +432,58 @@ mod tests {
                 close(ga.get(&var).unwrap(), gb.get(&var).unwrap(), &what)?;
             }
         }
+        // Slots side by side: (B·N, C, H, W) -> (B, P, N, C_out) is the plain output reordered,
+        // at one group (patches reordered) and two (output transposed).
+        for (groups, n) in [(1, 3), (2, 3), (1, 1)] {
+            let (b, c_in, c_out, side) = (2, 2, 4, 5);
+            let map = candle_nn::VarMap::new();
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+            let cfg = Conv2dConfig {
+                padding: 1,
+                groups,
+                ..Default::default()
+            };
+            let conv = Conv2d::new(c_in, c_out, 3, cfg, vb)?;
+            let x = Tensor::randn(0f32, 1., (b * n, c_in, side, side), &dev)?;
+            let p = side * side;
+            let want = conv
+                .channels_last(&x)? // (B·N, P, C_out)
+                .reshape((b, n, p, c_out))?
+                .transpose(1, 2)?; // (B, P, N, C_out)
+            let got = conv.channels_last_slots(&x, n)?;
+            assert_eq!(got.dims(), [b, p, n, c_out]);
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "groups {groups}: {diff}");
+            assert!(
+                conv.channels_last_slots(&x, 4).is_err(),
+                "2·N images, N = 4"
+            );
+        }
+        // A linear map of the slots folded into the kernel: the convolution, then the map.
+        let (b, n, c_in, c_out, d, side) = (2, 3, 2, 4, 5, 6);
+        let map = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let same = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let conv = Conv2d::new(c_in, c_out, 3, same, vb)?;
+        let x = Tensor::randn(0f32, 1., (b * n, c_in, side, side), &dev)?;
+        let maps = Tensor::randn(0f32, 1., (n * c_out, d), &dev)?;
+        let p = side * side;
+        let want = conv
+            .channels_last_slots(&x, n)? // (B, P, N, C_out)
+            .reshape((b * p, n * c_out))?
+            .matmul(&maps)?
+            .reshape((b, p, d))?;
+        let got = conv.channels_last_mapped(&x, n, &maps)?.expect("cpu f32");
+        let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let size = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-4 * size, "{diff} of {size}");
+        assert!(
+            conv.channels_last_mapped(&x, 2, &maps).is_err(),
+            "maps for N = 3"
+        );
         // An image smaller than the kernel is an error, not an underflow.
         let map = candle_nn::VarMap::new();
         let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);

@@ -130,6 +130,15 @@ impl Frontend for VisionFrontend {
         Ok(Embedded { xs, pad: None })
     }
 
+    /// The shared stem folds the mux's maps into its kernel; other frontends take two steps.
+    fn embed_mapped(&self, input: &ImageInput, maps: &Tensor) -> Result<Option<Embedded>> {
+        let xs = match self {
+            Self::Stem(f) => f.forward_mapped(&input.pixels, maps)?,
+            Self::Pixels(_) | Self::Patches(_) => None,
+        };
+        Ok(xs.map(|xs| Embedded { xs, pad: None }))
+    }
+
     fn hidden_size(&self) -> usize {
         match self {
             Self::Pixels(f) => f.hidden_size(),
