@@ -5,12 +5,14 @@ use candle_core::{DType, Device, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 use datamux_core::SeededVarMap;
+use datamux_core::demux::Positions;
 use datamux_core::heads::SequenceHead;
 use datamux_core::model::{self, MuxNet};
 use datamux_core::task::{self, Losses, Score, Task};
 
 use crate::image::{ImageData, ImageSpec};
 use crate::model::{Arch, Config, ImageInput, VisionBackbone, VisionFrontend};
+use crate::vit::Readout;
 
 /// A device-ready batch: pixels `(B, N, C, H, W)`, labels and real flags `(B·N)`.
 pub struct ImageBatch {
@@ -23,6 +25,8 @@ pub struct ImageTask {
     pub net: MuxNet<VisionFrontend, VisionBackbone>,
     pub head: SequenceHead,
     pub spec: ImageSpec,
+    /// The ViT's readout; the pooling trunks have one position, the summary.
+    readout: Readout,
     n: usize,
     device: Device,
 }
@@ -49,14 +53,27 @@ impl ImageTask {
             net,
             head,
             spec: spec.clone(),
+            readout: match arch {
+                Arch::Vit => cfg.vit.readout,
+                _ => Readout::Summary,
+            },
             n,
             device: device.clone(),
         })
     }
 
     fn logits(&self, batch: &ImageBatch, train: bool) -> Result<Tensor> {
-        // Only the summary is read: the ViT's last layer runs for the prefix alone.
-        let (_, z) = self.net.forward_summary(&batch.input, train)?; // (B, N, 1, D)
+        let z = match self.readout {
+            // Only the summary is read: the ViT's last layer runs for the prefix alone.
+            Readout::Summary => self.net.forward_summary(&batch.input, train)?.1, // (B, N, 1, D)
+            Readout::Mean => {
+                let (_, z) = self.net.forward_t(&batch.input, Positions::Tokens, train)?;
+                let (b, n, l) = (z.dim(0)?, z.dim(1)?, z.dim(2)?);
+                // Images have no padding: (B, N, L, D) -> (B, N, 1, D)
+                let none = Tensor::zeros((b, n, l), DType::U8, z.device())?;
+                datamux_core::heads::masked_mean(&z, &none)?
+            }
+        };
         self.head.forward(&z) // (B·N, C)
     }
 }
@@ -148,5 +165,65 @@ impl Task for ImageTask {
 
     fn predict(&self, batch: &ImageBatch) -> Result<Tensor> {
         self.logits(batch, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datamux_core::{DemuxKind, MuxKind};
+
+    use super::*;
+
+    /// `vit.readout = "mean"`: slot i's logits are the head on the mean of its demultiplexed patch
+    /// positions, not on the summary. Tiny ViT, 12 x 12 images in 4 patches, N = 3.
+    #[test]
+    fn the_vit_mean_readout_averages_every_patch_position() -> Result<()> {
+        let dev = Device::Cpu;
+        let spec = ImageSpec {
+            size: 12,
+            mean: vec![0.5],
+            std: vec![0.5],
+            channels: 1,
+        };
+        let mut cfg = Config::default();
+        cfg.vit.patch_size = 6;
+        cfg.vit.encoder = datamux_core::encoder::Config {
+            hidden_size: 10,
+            intermediate_size: 7,
+            num_attention_heads: 2,
+            ..datamux_core::encoder::Config::tiny()
+        };
+        let (n, classes) = (3, 5);
+        let mux = model::Config::new(n, MuxKind::Hrr, DemuxKind::Hrr);
+        let mut task_for = |readout| {
+            cfg.vit.readout = readout;
+            ImageTask::new(
+                Arch::Vit,
+                &cfg,
+                &mux,
+                &spec,
+                classes,
+                &SeededVarMap::new(4),
+                &dev,
+            )
+        };
+        let (summary, mean) = (task_for(Readout::Summary)?, task_for(Readout::Mean)?);
+        let pixels = Tensor::randn(0f32, 1.0, (2, n, 1, 12, 12), &dev)?;
+        let batch = ImageBatch {
+            input: ImageInput { pixels },
+            labels: vec![0; 2 * n],
+            real: vec![true; 2 * n],
+        };
+        let (_, z) = mean.net.forward_t(&batch.input, Positions::Tokens, false)?;
+        assert_eq!(z.dims(), [2, n, 4, 10]); // (B, N, L, D): every patch position
+        let want = mean.head.forward(&z.mean_keepdim(2)?)?; // (B·N, C)
+        let got = mean.predict(&batch)?;
+        assert_eq!(got.dims(), [2 * n, classes]);
+        let diff = (&got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        // Same weights (one seed), another readout: other logits.
+        let other = (summary.predict(&batch)? - got)?.abs()?.max_all()?;
+        assert!(other.to_scalar::<f32>()? > 1e-4);
+        Ok(())
     }
 }

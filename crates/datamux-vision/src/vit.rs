@@ -20,6 +20,28 @@ pub struct Config {
     /// arXiv 2106.14881), which is what a CPU budget needs.
     pub conv_stem: usize,
     pub encoder: encoder::Config,
+    /// What the head reads per slot. Left out of the serialised settings at `summary`, so runs
+    /// made before it keep their ids.
+    #[serde(skip_serializing_if = "Readout::is_summary")]
+    pub readout: Readout,
+}
+
+/// What the classification head reads for slot i.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Readout {
+    /// The demultiplexed summary position (the prefix, ViT's CLS token).
+    #[default]
+    Summary,
+    /// The mean over the patch positions, each demultiplexed: the summary is one `D`-wide vector
+    /// for all N slots, the patches are `L` of them (16 on MNIST).
+    Mean,
+}
+
+impl Readout {
+    pub fn is_summary(&self) -> bool {
+        *self == Self::Summary
+    }
 }
 
 impl Default for Config {
@@ -37,6 +59,7 @@ impl Default for Config {
                 pre_layer_norm: true, // ViTs are pre-LN
                 ..encoder::Config::base()
             },
+            readout: Readout::Summary,
         }
     }
 }
