@@ -40,11 +40,16 @@ pub trait Frontend {
     fn embed_muxed(&self, _input: &Self::Input, _scales: &Tensor) -> Result<Option<Embedded>> {
         Ok(None)
     }
-    /// The same for a mux that is one matrix (`maps` `(N·D, D)`, [`Multiplexer::slot_maps`]):
+    /// The same for a mux that is one matrix (`maps()` `(N·D, D)`, [`Multiplexer::slot_maps`]):
     /// xs `(B, L, D)` = `[embed(input).xs[:, 1] … xs[:, N]] · maps` at each position. A linear
-    /// frontend folds `maps` into its weights (the shared convolutional stem). `None`, the
+    /// frontend folds the maps into its weights (the shared convolutional stem); `maps` builds
+    /// them on call, so a frontend that cannot fold never pays for `N·D²` values. `None`, the
     /// default, where it cannot.
-    fn embed_mapped(&self, _input: &Self::Input, _maps: &Tensor) -> Result<Option<Embedded>> {
+    fn embed_mapped(
+        &self,
+        _input: &Self::Input,
+        _maps: &dyn Fn() -> Result<Tensor>,
+    ) -> Result<Option<Embedded>> {
         Ok(None)
     }
 }
@@ -246,10 +251,17 @@ impl<F: Frontend, B: Backbone> MuxNet<F, B> {
     /// [`Self::mux_input`]. Training always takes the two-step path, whose ops carry gradients.
     pub fn embed_and_mux(&self, input: &F::Input, train: bool) -> Result<(Tensor, Option<Tensor>)> {
         if !train {
-            let fused = match (self.mux.slot_scales()?, self.mux.slot_maps()?) {
-                (Some(scales), _) => self.frontend.embed_muxed(input, &scales)?,
-                (None, Some(maps)) => self.frontend.embed_mapped(input, &maps)?,
-                (None, None) => None,
+            let fused = match self.mux.slot_scales()? {
+                Some(scales) => self.frontend.embed_muxed(input, &scales)?,
+                None if self.mux.is_matrix() => {
+                    let maps = || {
+                        self.mux.slot_maps()?.ok_or_else(|| {
+                            candle_core::Error::Msg("a matrix mux without its maps".into())
+                        })
+                    };
+                    self.frontend.embed_mapped(input, &maps)?
+                }
+                None => None,
             };
             if let Some(Embedded { xs, pad }) = fused {
                 let n = pad.as_ref().map_or(Ok(self.n), |p| p.dim(1))?;

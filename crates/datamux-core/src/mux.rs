@@ -307,6 +307,9 @@ impl Multiplexer {
     /// inference cache); `None` for the other kinds. A linear frontend can then fold the maps
     /// into its own weights ([`crate::model::Frontend::embed_mapped`]).
     pub fn slot_maps(&self) -> Result<Option<Tensor>> {
+        if !self.is_matrix() {
+            return Ok(None);
+        }
         let (Some(w), MuxKind::RandomOrtho | MuxKind::Hrr) = (self.effective_keys()?, self.kind)
         else {
             return Ok(None);
@@ -316,6 +319,11 @@ impl Multiplexer {
             None => self.learned_stack.get(&w, false, |w| self.stack(w))?,
         };
         Ok(Some((stacked / (self.n as f64).sqrt())?))
+    }
+
+    /// Whether the mux is one matrix ([`Self::slot_maps`] gives it), known without building it.
+    pub fn is_matrix(&self) -> bool {
+        self.keys.is_some() && matches!(self.kind, MuxKind::RandomOrtho | MuxKind::Hrr)
     }
 
     /// `[W₁ᵀ; …; W_Nᵀ]` `(N·D, D)` of keys `w` (`hrr`: `(N, D)`, their circulants; `random_ortho`:

@@ -204,13 +204,18 @@ impl ConvStem {
 }
 
 impl ConvStem {
+    /// One convolution shared by every slot (`stem = "shared"`), linear.
+    pub fn is_shared(&self) -> bool {
+        self.conv2.is_none()
+    }
+
     /// The shared stem and a mux that is one matrix `maps` `(N·K, D)` in one linear map,
     /// `(B, N, C, H, W) -> (B, H·W, D)` = `[stem(x₁) … stem(x_N)] · maps` per pixel, the maps
     /// folded into the kernel ([`Conv2d::channels_last_mapped`]). `None` for per-slot stems
     /// (nonlinear) and where the convolution has no such path.
     pub fn forward_mapped(&self, pixels: &Tensor, maps: &Tensor) -> Result<Option<Tensor>> {
         let (b, n, c, h, w) = pixels.dims5()?;
-        if n != self.n || self.conv2.is_some() {
+        if n != self.n || !self.is_shared() {
             return Ok(None);
         }
         // (B, N, C, H, W) -> (B·N, C, H, W)

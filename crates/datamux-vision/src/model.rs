@@ -131,10 +131,14 @@ impl Frontend for VisionFrontend {
     }
 
     /// The shared stem folds the mux's maps into its kernel; other frontends take two steps.
-    fn embed_mapped(&self, input: &ImageInput, maps: &Tensor) -> Result<Option<Embedded>> {
+    fn embed_mapped(
+        &self,
+        input: &ImageInput,
+        maps: &dyn Fn() -> Result<Tensor>,
+    ) -> Result<Option<Embedded>> {
         let xs = match self {
-            Self::Stem(f) => f.forward_mapped(&input.pixels, maps)?,
-            Self::Pixels(_) | Self::Patches(_) => None,
+            Self::Stem(f) if f.is_shared() => f.forward_mapped(&input.pixels, &maps()?)?,
+            Self::Stem(_) | Self::Pixels(_) | Self::Patches(_) => None,
         };
         Ok(xs.map(|xs| Embedded { xs, pad: None }))
     }
