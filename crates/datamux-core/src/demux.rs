@@ -373,11 +373,7 @@ impl Demux {
             Inner::Hrr { keys, unbind } => {
                 // (uᵢ ⋆ h)[a] = Σ_c h[c] uᵢ[(c - a) mod D] = (hᵀ C(uᵢ))[a], every slot in one
                 // matmul with [C(u₁) | … | C(u_N)] (D, N·D), the mux's stacked [C(uᵢ)ᵀ] transposed.
-                let m = unbind.get(keys, train, |k| {
-                    crate::mux::stack_transposed(&crate::mux::circulant(k)?)?
-                        .t()?
-                        .contiguous()
-                })?;
+                let m = unbind.get(keys, train, crate::mux::correlation_maps)?;
                 let z = hs.reshape((b * l, d))?.matmul(&m)?; // (B·L', N·D)
                 // (B·L', N·D) -> (B, L', N, D) -> (B, N, L', D)
                 z.reshape((b, l, n, d))?.transpose(1, 2)

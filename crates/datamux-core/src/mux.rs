@@ -447,6 +447,12 @@ pub fn circulant(keys: &Tensor) -> Result<Tensor> {
     keys.index_select(&idx, 1)?.reshape((n, d, d)) // (N, D·D) -> (N, D, D)
 }
 
+/// Keys `(N, D)` -> `[C(u₁) | … | C(u_N)]` `(D, N·D)`: `h · C(uᵢ)` is the circular correlation
+/// `uᵢ ⋆ h`, so the `hrr` demux unbinds every slot in one matmul.
+pub fn correlation_maps(keys: &Tensor) -> Result<Tensor> {
+    stack_transposed(&circulant(keys)?)?.t()?.contiguous()
+}
+
 /// `(N, D, D) -> (N·D, D)`: row block `i` is `Wᵢᵀ`.
 pub(crate) fn stack_transposed(w: &Tensor) -> Result<Tensor> {
     let (n, d, _) = w.dims3()?;
