@@ -307,18 +307,12 @@ impl Multiplexer {
     /// inference cache); `None` for the other kinds. A linear frontend can then fold the maps
     /// into its own weights ([`crate::model::Frontend::embed_mapped`]).
     pub fn slot_maps(&self) -> Result<Option<Tensor>> {
-        if !self.is_matrix() {
-            return Ok(None);
+        match self.effective_keys()? {
+            Some(w) if self.is_matrix() => Ok(Some(
+                (self.stacked_maps(&w, false)? / (self.n as f64).sqrt())?,
+            )),
+            _ => Ok(None),
         }
-        let (Some(w), MuxKind::RandomOrtho | MuxKind::Hrr) = (self.effective_keys()?, self.kind)
-        else {
-            return Ok(None);
-        };
-        let stacked = match &self.stacked {
-            Some(s) => s.clone(),
-            None => self.learned_stack.get(&w, false, |w| self.stack(w))?,
-        };
-        Ok(Some((stacked / (self.n as f64).sqrt())?))
     }
 
     /// Whether the mux is one matrix ([`Self::slot_maps`] gives it), known without building it.
@@ -326,13 +320,17 @@ impl Multiplexer {
         self.keys.is_some() && matches!(self.kind, MuxKind::RandomOrtho | MuxKind::Hrr)
     }
 
-    /// `[W₁ᵀ; …; W_Nᵀ]` `(N·D, D)` of keys `w` (`hrr`: `(N, D)`, their circulants; `random_ortho`:
-    /// the maps `(N, D, D)`).
-    fn stack(&self, w: &Tensor) -> Result<Tensor> {
-        match self.kind {
+    /// `[W₁ᵀ; …; W_Nᵀ]` `(N·D, D)` of the effective keys `w` (`hrr`: `(N, D)`, their circulants;
+    /// `random_ortho`: the maps `(N, D, D)`): fixed ones built once at construction, learned
+    /// ones rebuilt in training and cached at inference.
+    fn stacked_maps(&self, w: &Tensor, train: bool) -> Result<Tensor> {
+        if let Some(s) = &self.stacked {
+            return Ok(s.clone());
+        }
+        self.learned_stack.get(w, train, |w| match self.kind {
             MuxKind::Hrr => stack_transposed(&circulant(w)?),
             _ => stack_transposed(w),
-        }
+        })
     }
 
     /// `(B, N, L, D) -> (B, L, D)` at inference, nothing padded.
@@ -367,10 +365,7 @@ impl Multiplexer {
                 // Σᵢ Wᵢ xᵢ as one matmul: [x₁ … x_N] (B·L, N·D) times [W₁ᵀ; …; W_Nᵀ] (N·D, D);
                 // for `hrr` Wᵢ is the circulant matrix of key i, Wᵢ x = kᵢ ⊛ x.
                 let xs = xs.transpose(1, 2)?.contiguous()?.reshape((b * l, n * d))?; // (B·L, N·D)
-                let stacked = match &self.stacked {
-                    Some(s) => s.clone(),
-                    None => self.learned_stack.get(&w, train, |w| self.stack(w))?,
-                };
+                let stacked = self.stacked_maps(&w, train)?;
                 // Sum / √N rather than the mean: each Wᵢxᵢ keeps the norm of xᵢ, and for
                 // independent instances the sum grows like √N (reference behaviour, method.md §3.1).
                 let ys = (xs.matmul(&stacked)? / (n as f64).sqrt())?; // (B·L, D)

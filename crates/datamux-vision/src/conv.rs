@@ -182,7 +182,7 @@ impl Module for Conv2d {
         }
         let ys = self.channels_last(xs)?; // (B, Ho·Wo, C_out)
         let (b, c_out) = (ys.dim(0)?, ys.dim(2)?);
-        let (ho, wo) = self.out_hw(xs)?;
+        let (ho, wo) = self.geometry(xs)?.out_hw();
         // (B, P, C_out) -> (B, C_out, P) -> (B, C_out, Ho, Wo)
         ys.transpose(1, 2)?
             .contiguous()?
@@ -191,11 +191,22 @@ impl Module for Conv2d {
 }
 
 impl Conv2d {
-    /// `(Ho, Wo)` of the output for `xs` `(B, C, H, W)`.
-    fn out_hw(&self, xs: &Tensor) -> Result<(usize, usize)> {
+    /// The patch geometry of `xs` `(B, C, H, W)`, checked against the kernel: its channels and
+    /// an image no smaller than the kernel (so `out_hw` cannot underflow).
+    fn geometry(&self, xs: &Tensor) -> Result<Geometry> {
         let cfg = self.inner.config();
-        let k = self.inner.weight().dim(2)?;
+        let (_, c_in_g, k, _) = self.inner.weight().dims4()?; // (C_out, C_in / G, k, k)
         let (_, c, h, w) = xs.dims4()?;
+        if c != c_in_g * cfg.groups {
+            candle_core::bail!(
+                "conv2d expects {} channels, got {:?}",
+                c_in_g * cfg.groups,
+                xs.shape()
+            );
+        }
+        if h + 2 * cfg.padding < k || w + 2 * cfg.padding < k {
+            candle_core::bail!("conv2d: {h}x{w} image smaller than its {k}x{k} kernel");
+        }
         Ok(Geometry {
             c,
             h,
@@ -203,8 +214,13 @@ impl Conv2d {
             k,
             pad: cfg.padding,
             stride: cfg.stride,
-        }
-        .out_hw())
+        })
+    }
+
+    fn bias(&self) -> Result<&Tensor> {
+        self.inner
+            .bias()
+            .ok_or_else(|| candle_core::Error::Msg("conv2d built without a bias".into()))
     }
 
     /// The convolution with channels last, `(B, C_in, H, W) -> (B, Ho·Wo, C_out)`: the matmul's
@@ -256,26 +272,17 @@ impl Conv2d {
             return Ok(None);
         }
         let weight = self.inner.weight(); // (C_out, C, k, k)
-        let (c_out, c, k, _) = weight.dims4()?;
+        let c_out = weight.dim(0)?;
         let (rows, d) = maps.dims2()?;
         let b = xs.dim(0)?;
-        if rows != n * c_out || n == 0 || b % n != 0 || xs.dim(1)? != c {
+        if rows != n * c_out || n == 0 || b % n != 0 {
             candle_core::bail!(
                 "conv2d: maps {:?} for N = {n} slots of {c_out} channels, images {:?}",
                 maps.shape(),
                 xs.shape()
             );
         }
-        let cfg = self.inner.config();
-        let (_, _, h, w) = xs.dims4()?;
-        let geometry = Geometry {
-            c,
-            h,
-            w,
-            k,
-            pad: cfg.padding,
-            stride: cfg.stride,
-        };
+        let geometry = self.geometry(xs)?;
         let (ho, wo) = geometry.out_hw();
         let (patch, p) = (geometry.patch(), ho * wo);
         let blocks = maps.reshape((n, c_out, d))?; // (N, C_out, D)
@@ -283,12 +290,12 @@ impl Conv2d {
         let kernel = weight.reshape((c_out, patch))?.t()?.contiguous()?;
         let folded = kernel.unsqueeze(0)?.broadcast_matmul(&blocks)?;
         let folded = folded.reshape((n * patch, d))?;
-        let bias = self
-            .inner
-            .bias()
-            .ok_or_else(|| candle_core::Error::Msg("conv2d built without a bias".into()))?;
         // (1, C_out) · (C_out, D) -> (1, D)
-        let bias = bias.unsqueeze(0)?.matmul(&blocks.sum(0)?)?.squeeze(0)?;
+        let bias = self
+            .bias()?
+            .unsqueeze(0)?
+            .matmul(&blocks.sum(0)?)?
+            .squeeze(0)?;
         let cols = xs.contiguous()?.apply_op1(Im2Col(geometry))?; // (B·N, P, C·k·k)
         // (B, N, P, C·k·k) -> (B, P, N, C·k·k) -> (B·P, N·C·k·k)
         let cols = cols
@@ -316,33 +323,12 @@ impl Conv2d {
                 _ => ys.contiguous(),
             };
         }
-        let cfg = self.inner.config();
         let weight = self.inner.weight(); // (C_out, C_in / G, k, k)
-        let (c_out, c_in_g, k, _) = weight.dims4()?;
-        let g = cfg.groups;
-        let (b, c, h, w) = xs.dims4()?;
-        if c != c_in_g * g {
-            candle_core::bail!(
-                "conv2d expects {} channels, got {:?}",
-                c_in_g * g,
-                xs.shape()
-            );
-        }
-        if h + 2 * cfg.padding < k || w + 2 * cfg.padding < k {
-            candle_core::bail!("conv2d: {h}x{w} image smaller than its {k}x{k} kernel");
-        }
-        let bias = self
-            .inner
-            .bias()
-            .ok_or_else(|| candle_core::Error::Msg("conv2d built without a bias".into()))?;
-        let geometry = Geometry {
-            c,
-            h,
-            w,
-            k,
-            pad: cfg.padding,
-            stride: cfg.stride,
-        };
+        let c_out = weight.dim(0)?;
+        let g = self.inner.config().groups;
+        let b = xs.dim(0)?;
+        let geometry = self.geometry(xs)?;
+        let bias = self.bias()?;
         let (ho, wo) = geometry.out_hw();
         let (patch_g, c_out_g) = (geometry.patch() / g, c_out / g);
         // (C_out, C/G, k, k) -> (G, C_out/G, C/G·k·k) -> (G, C/G·k·k, C_out/G)
